@@ -1,0 +1,191 @@
+"""The generation job's settings: the composed Hydra config, checked and made plain.
+
+Every problem is collected and reported at once, each naming the setting, its value and how to
+fix it (`ConfigError`). Paths are made absolute here, since Ray workers run elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline.planning import ShardPlan
+
+
+class ConfigError(ValueError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"- {p}" for p in problems))
+
+
+def to_plain(cfg) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # plain dicts need no conversion
+        return dict(cfg)
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    return dict(cfg)
+
+
+def generation_settings(cfg) -> dict:
+    s = to_plain(cfg)
+    problems: list[str] = []
+
+    def need_int(path: str, value: Any, minimum: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            problems.append(f"{path}: must be an integer >= {minimum} (got {value!r})")
+
+    if not s.get("input"):
+        problems.append("input: required: a Parquet file, a folder or a glob (e.g. input=data/sample_requests.parquet)")
+    if not (s.get("output") or {}).get("path"):
+        problems.append("output.path: required: the folder to write Parquet parts and manifest.json into")
+    need_int("workers", s.get("workers"), 1)
+    need_int("batch_size", s.get("batch_size"), 1)
+    need_int("seed", s.get("seed"), 0)
+    need_int("output.rows_per_part", s["output"].get("rows_per_part"), 1)
+    need_int("read.rows_per_shard", s["read"].get("rows_per_shard"), 1)
+    engine = s["engine"]
+    need_int("engine.max_model_len", engine.get("max_model_len"), 16)
+    need_int("engine.tensor_parallel_size", engine.get("tensor_parallel_size"), 1)
+    if engine.get("kv_cache_gib") is not None and not float(engine["kv_cache_gib"]) > 0:
+        problems.append(f"engine.kv_cache_gib: must be > 0 GiB or null (got {engine['kv_cache_gib']!r})")
+    device = s.get("device", "auto")
+    if device not in ("auto", "cpu", "gpu"):
+        problems.append(f"device: must be auto, cpu or gpu (got {device!r})")
+    model = s.get("model") or {}
+    if not model.get("path"):
+        problems.append("model.path: required: a Hugging Face model id or a local folder (or pick model=tiny)")
+    if model.get("build") not in (None, "tiny", "tiny-awq"):
+        problems.append(f"model.build: must be null, tiny or tiny-awq (got {model.get('build')!r})")
+    passthrough = s.get("passthrough") or []
+    if not isinstance(passthrough, list) or not all(isinstance(c, str) for c in passthrough):
+        problems.append(f"passthrough: must be a list of column names (got {passthrough!r})")
+    if problems:
+        raise ConfigError(problems)
+
+    s["passthrough"] = list(passthrough)
+    s["input"] = [_absolute(p) for p in ([s["input"]] if isinstance(s["input"], str) else s["input"])]
+    s["output"]["path"] = _absolute(s["output"]["path"])
+    s["lora_root"] = _absolute(s.get("lora_root") or "lora")
+    if model.get("build") or _looks_local(model["path"]):
+        model["path"] = _absolute(model["path"])
+    return s
+
+
+def resolve_device(settings: dict, cluster_gpus: float) -> dict:
+    """Fill the engine settings that depend on whether the workers get GPUs."""
+    device = settings["device"]
+    if device == "auto":
+        device = "gpu" if cluster_gpus > 0 else "cpu"
+    if device == "gpu" and cluster_gpus <= 0:
+        raise ConfigError(["device: gpu was asked for, but the Ray cluster has no GPU (use device=cpu or auto)"])
+    engine = settings["engine"]
+    settings["device"] = device
+    if engine.get("num_gpus") is None:
+        engine["num_gpus"] = engine["tensor_parallel_size"] if device == "gpu" else 0
+    if engine.get("num_cpus") is None:
+        # On CPU the engine thread pool uses every core anyway; a fractional claim keeps Ray free
+        # to run the read and prepare tasks beside the actors (whole cores deadlock on 2 cores).
+        engine["num_cpus"] = 1 if device == "gpu" else 0.5
+    if device == "cpu" and engine.get("kv_cache_gib") is None:
+        engine["kv_cache_gib"] = 1.0  # vLLM's CPU default reserves far more than a laptop has
+    return settings
+
+
+def ensure_model(model: dict) -> str:
+    """The model's path, building the project's tiny model there first if the config says so."""
+    build = model.get("build")
+    if build == "tiny":
+        from pipeline.tiny_model import ensure_tiny_model
+
+        return str(ensure_tiny_model(model["path"], seed=int(model.get("seed", 0))))
+    if build == "tiny-awq":
+        from pipeline.awq import ensure_tiny_awq_model
+
+        return str(ensure_tiny_awq_model(model["path"], seed=int(model.get("seed", 0))))
+    return model["path"]
+
+
+def lora_names(plan: ShardPlan) -> list[str]:
+    """The distinct adapter names the input's rows ask for (reads the `lora` column only)."""
+    names: set[str] = set()
+    for path in plan.files:
+        if "lora" not in pq.ParquetFile(path).schema_arrow.names:
+            continue
+        column = pq.read_table(path, columns=["lora"]).column("lora")
+        names.update(v for v in column.unique().to_pylist() if isinstance(v, str) and v.strip())
+    return sorted(names)
+
+
+def adapters_for(settings: dict, plan: ShardPlan) -> dict[str, dict]:
+    """The adapters the input names: each resolved through the registry, or the reason it can't be.
+
+    Returns name -> {"path", "lora_int_id", "rank"} for usable adapters and name -> {"error"} for
+    the others, and sizes the engine's LoRA settings from the usable ones.
+    """
+    names = lora_names(plan)
+    lora_cfg = settings["engine"].setdefault("lora", {})
+    lora_cfg["enabled"] = False
+    if not names:
+        return {}
+    from pipeline.lora_registry import AdapterNotFound, AdapterRegistry
+
+    registry = AdapterRegistry(settings["lora_root"])
+    base = settings["model"]
+    accepted_bases = {base.get("name"), base.get("path"), base.get("train_path")} - {None}
+    limit = int(lora_cfg.get("max_rank_limit", 256))
+    adapters: dict[str, dict] = {}
+    for name in names:
+        try:
+            adapter = registry.resolve(name)
+        except (AdapterNotFound, ValueError) as exc:
+            adapters[name] = {"error": str(exc)}
+            continue
+        if adapter.base_model not in accepted_bases:
+            adapters[name] = {
+                "error": f"adapter '{name}' was trained for base model '{adapter.base_model}', "
+                f"but this job runs '{base.get('name')}' ({base.get('path')})"
+            }
+        elif adapter.rank > limit:
+            adapters[name] = {
+                "error": f"adapter '{name}' has rank {adapter.rank}, above the engine's limit of {limit} "
+                "(engine.lora.max_rank_limit)"
+            }
+        else:
+            adapters[name] = {"path": str(adapter.path), "lora_int_id": adapter.lora_int_id, "rank": adapter.rank}
+    usable = [a for a in adapters.values() if "error" not in a]
+    if usable:
+        lora_cfg["enabled"] = True
+        lora_cfg["max_rank"] = _vllm_rank(max(a["rank"] for a in usable))
+        lora_cfg["max_loras"] = max(1, min(len(usable), int(lora_cfg.get("max_loras_limit", 8))))
+    return adapters
+
+
+def check_adapter_request(adapters: dict[str, dict], name: str) -> None:
+    """Raise ValueError, naming the adapters present, when a row's `lora` cannot be served."""
+    adapter = adapters.get(name)
+    if adapter is None:
+        raise ValueError(f"unknown adapter '{name}'")
+    if "error" in adapter:
+        raise ValueError(adapter["error"])
+
+
+def _vllm_rank(rank: int) -> int:
+    # vLLM accepts only these max_lora_rank values.
+    for allowed in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= allowed:
+            return allowed
+    return rank
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.path.exists(path)
+
+
+def _absolute(path: str) -> str:
+    if "://" in str(path):
+        return str(path)
+    return os.path.abspath(os.path.expanduser(str(path)))

@@ -1,0 +1,96 @@
+"""Input planning: files, folders and globs; stable row ids; every bad-input case named up front."""
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.planning import InputError, derived_row_id, plan_shards, resolve_inputs
+
+
+def write(path, rows, **kwargs):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path, **kwargs)
+    return path
+
+
+def test_file_folder_and_glob(tmp_path):
+    a = write(str(tmp_path / "in" / "a.parquet"), [{"prompt": "x"}])
+    b = write(str(tmp_path / "in" / "sub" / "b.parquet"), [{"prompt": "y"}])
+    assert resolve_inputs(a) == [a]
+    assert resolve_inputs(str(tmp_path / "in")) == [a, b]
+    assert resolve_inputs(str(tmp_path / "in" / "**" / "*.parquet")) == [a, b]
+
+
+def test_missing_paths_are_named(tmp_path):
+    with pytest.raises(InputError) as info:
+        resolve_inputs([str(tmp_path / "nope.parquet"), str(tmp_path / "*.parquet")])
+    text = str(info.value)
+    assert "nope.parquet' does not exist" in text and "matches no file" in text
+
+
+def test_shards_follow_row_groups_and_ids_are_stable(tmp_path):
+    path = write(str(tmp_path / "d" / "r.parquet"), [{"prompt": str(i)} for i in range(100)], row_group_size=10)
+    plan = plan_shards(str(tmp_path / "d"), rows_per_shard=25)
+    assert plan.total_rows == 100
+    assert [s.num_rows for s in plan.shards] == [20, 20, 20, 20, 20]
+    assert [s.first_row for s in plan.shards] == [0, 20, 40, 60, 80]
+    assert plan.shards[1].row_groups == (2, 3)
+    assert plan.shards[0].source == "r.parquet"
+    assert plan.shards[0].columns == ("prompt",)
+    assert derived_row_id("r.parquet", 7) == "r.parquet#7"
+    assert plan.files == (path,)
+
+
+def test_not_parquet_is_named(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("this is not parquet")
+    with pytest.raises(InputError) as info:
+        plan_shards(str(bad))
+    assert f"{bad}: not a readable Parquet file" in str(info.value)
+
+
+def test_missing_request_columns(tmp_path):
+    path = write(str(tmp_path / "x.parquet"), [{"text": "x"}])
+    with pytest.raises(InputError) as info:
+        plan_shards(path)
+    assert "has neither a 'prompt' nor a 'messages' column (columns: text)" in str(info.value)
+
+
+def test_missing_id_column(tmp_path):
+    path = write(str(tmp_path / "x.parquet"), [{"prompt": "x"}])
+    with pytest.raises(InputError) as info:
+        plan_shards(path, id_column="uid")
+    assert "has no id column 'uid'" in str(info.value)
+
+
+def test_empty_dataset(tmp_path):
+    path = str(tmp_path / "e.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), path)
+    with pytest.raises(InputError) as info:
+        plan_shards(path)
+    assert "hold no rows" in str(info.value)
+
+
+def test_passthrough_types_must_agree(tmp_path):
+    a = write(str(tmp_path / "a.parquet"), [{"prompt": "x", "label": 1}])
+    b = write(str(tmp_path / "b.parquet"), [{"prompt": "x", "label": "one"}])
+    with pytest.raises(InputError) as info:
+        plan_shards([a, b], passthrough=["label"])
+    assert "passthrough column 'label' has different types across files" in str(info.value)
+
+
+def test_all_problems_at_once(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1garbage")
+    other = write(str(tmp_path / "o.parquet"), [{"x": 1}])
+    with pytest.raises(InputError) as info:
+        plan_shards([str(bad), other])
+    assert len(info.value.problems) == 2
+
+
+def test_same_file_twice(tmp_path):
+    a = write(str(tmp_path / "a.parquet"), [{"prompt": "x"}])
+    with pytest.raises(InputError, match="named more than once"):
+        resolve_inputs([a, str(tmp_path / "*.parquet")])
