@@ -147,16 +147,16 @@ def parse_request(fields: Mapping[str, Any]) -> Request:
         try:
             tools = tuple(normalize_tools(values.get("tools"), values.get("functions")))
         except ToolSpecError as exc:
-            problems.append(str(exc))
+            problems.extend(exc.problems)
 
     response_format = None
     if "response_format" in values:
-        from pipeline.tools import validate_response_format
+        from pipeline.tools import ResponseFormatError, validate_response_format
 
         try:
             response_format = validate_response_format(values["response_format"])
-        except ValueError as exc:
-            problems.append(f"response_format: {exc}")
+        except ResponseFormatError as exc:
+            problems.extend(f"response_format: {p}" for p in exc.problems)
 
     if problems:
         raise RequestError(problems)
