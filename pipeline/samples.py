@@ -48,7 +48,7 @@ def sample_rows(n: int = 200, seed: int = 0) -> list[dict]:
     rows[5].update(temperature=7.5)                    # above the schema's maximum of 5
     rows[11].update(prompt="Both?", messages=None)      # prompt and messages together
     rows[11]["messages"] = [{"role": "user", "content": "Both?"}]
-    rows[17].update(prompt="")                          # shorter than minLength 1
+    rows[18].update(prompt="")                          # shorter than minLength 1
     return rows
 
 

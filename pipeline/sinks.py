@@ -1,7 +1,10 @@
 """The job's output folder: Parquet parts committed whole, and `manifest.json` written last.
 
-    <output>/part-00000.parquet ...   committed by rename: a part on disk is always complete
-    <output>/manifest.json            written last: its presence means the job finished
+    <output>/parts/part-00000.parquet ...   committed by rename: a part on disk is always complete
+    <output>/manifest.json                  written last: its presence means the job finished
+
+The parts have a folder of their own so that any Parquet reader can be pointed at it
+(`pyarrow.parquet.read_table("<output>/parts")`) without tripping over the manifest.
 
 Pure module: stdlib + pyarrow.
 """
@@ -18,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
-PART_GLOB = "part-*.parquet"
+PARTS = "parts"
+PART_GLOB = "parts/part-*.parquet"
 
 
 class OutputError(ValueError):
@@ -62,12 +66,12 @@ class OutputDir:
             )
         for path in existing:
             os.remove(path)
-        os.makedirs(self.path, exist_ok=True)
+        os.makedirs(self._file(PARTS), exist_ok=True)
 
     def _existing_files(self) -> list[str]:
         if not os.path.isdir(self.path):
             return []
-        names = glob.glob(self._file(PART_GLOB)) + glob.glob(self._file("*.tmp-*"))
+        names = glob.glob(self._file(PART_GLOB)) + glob.glob(self._file("parts/*.tmp-*")) + glob.glob(self._file("*.tmp-*"))
         if os.path.exists(self._file(MANIFEST)):
             names.append(self._file(MANIFEST))
         return sorted(names)
@@ -87,7 +91,7 @@ class OutputDir:
         if not self._pending:
             return
         table = pa.concat_tables(self._pending, promote_options="permissive")
-        name = f"part-{len(self.parts):05d}.parquet"
+        name = f"{PARTS}/part-{len(self.parts):05d}.parquet"
         write_parquet_atomic(self._file(name), table)
         self.parts.append({"file": name, "rows": table.num_rows})
         self._pending, self._pending_rows = [], 0

@@ -500,11 +500,14 @@ def read_tool_calls(value: Any) -> list[dict]:
 
 
 def load_outputs(path: str | os.PathLike) -> list[dict]:
-    """Read a generation job's output (one Parquet file, or a folder of `*.parquet` parts read in
-    name order) as a list of row dicts, with `tool_calls` decoded to `[{name, arguments: dict}]`."""
+    """Read a generation job's output (its output folder, a folder of `*.parquet` parts read in
+    name order, or one Parquet file) as a list of row dicts, with `tool_calls` decoded to
+    `[{name, arguments: dict}]`."""
     import pyarrow.parquet as pq
 
     path = os.fspath(path)
+    if os.path.isdir(os.path.join(path, "parts")):
+        path = os.path.join(path, "parts")
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
         if not files:

@@ -1,0 +1,63 @@
+"""Fixtures for tests that run the real jobs: one Ray instance per test session, and the real
+Hydra configs composed with CPU-sized overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Engines in-process start in seconds instead of half a minute; the job's workers set this too.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def compose(config_name: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}},
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def generate_job(ray_session, tiny_model_dir, tmp_path):
+    """Run the generation job in-process on the real config with the tiny model."""
+    from pipeline.generate import run
+
+    def _run(input, *overrides, output=None):
+        output = output or str(tmp_path / "out")
+        cfg = compose(
+            "generate",
+            [
+                "model=tiny",
+                f"model.path={tiny_model_dir}",
+                f"input={input}",
+                f"output.path={output}",
+                "engine.kv_cache_gib=0.25",
+                "ray.shutdown=false",
+                "progress=false",
+                *overrides,
+            ],
+        )
+        return run(cfg), output
+
+    return _run
