@@ -189,3 +189,26 @@ def _absolute(path: str) -> str:
     if "://" in str(path):
         return str(path)
     return os.path.abspath(os.path.expanduser(str(path)))
+
+
+# Settings that change what a row's output is. Everything else (workers, batch sizes, Ray,
+# progress) only changes how fast it comes, and may differ between a run and its resume.
+OUTPUT_SETTINGS = (
+    ("model", ("name", "path", "seed", "quantization")),
+    ("engine", ("dtype", "max_model_len", "quantization", "ignore_eos")),
+    (None, ("seed", "prompt", "id_column", "passthrough", "device", "lora_root")),
+)
+
+
+def fingerprint(settings: dict, plan: ShardPlan, adapters: dict) -> dict:
+    """What identifies a job's output: the settings that shape its rows, its inputs, its adapters."""
+    config: dict[str, Any] = {}
+    for section, keys in OUTPUT_SETTINGS:
+        source = settings if section is None else settings.get(section, {})
+        for key in keys:
+            config[key if section is None else f"{section}.{key}"] = source.get(key)
+    return {
+        "config": config,
+        "inputs": dict(plan.fingerprints),
+        "adapters": {name: a.get("error") or a.get("fingerprint") or a.get("path") for name, a in adapters.items()},
+    }

@@ -90,6 +90,8 @@ class GenerationWorker:
         cols["error"] = batch.column("_error").to_pylist()
         cols["seed"] = batch.column("_seed").to_pylist()
         cols["lora"] = batch.column("_lora").to_pylist()
+        cols["source_file"] = batch.column("_source").to_pylist()
+        cols["source_row"] = batch.column("_row").to_pylist()
         todo = [i for i in range(n) if cols["error"][i] is None]
         if todo:
             prompts = batch.column("_prompt_token_ids").to_pylist()

@@ -28,8 +28,8 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import config as job_config
 from pipeline.planning import Shard, ShardPlan, plan_shards
-from pipeline.rows import Preparer, canonical_block
-from pipeline.sinks import OutputDir
+from pipeline.rows import Preparer, canonical_block, unreadable_block
+from pipeline.sinks import OutputDir, Resume
 from pipeline.stats import RunStats
 
 log = logging.getLogger("pipeline.generate")
@@ -39,13 +39,15 @@ ROW_BYTES_GUESS = 1024
 
 
 def run(cfg) -> dict:
-    """Run the generation job described by `cfg` (the composed Hydra config); return the manifest."""
+    """Run the generation job described by `cfg` (the composed Hydra config); return the manifest.
+
+    Rerunning a job into the same output folder resumes it (see `pipeline.sinks`).
+    """
     settings = job_config.generation_settings(cfg)
     log.info("resolved config:\n%s", json.dumps(settings, indent=2, default=str))
     started = time.time()
 
     model_path = job_config.ensure_model(settings["model"])
-    settings["model"]["resolved_path"] = model_path
     plan = plan_shards(
         settings["input"],
         id_column=settings["id_column"],
@@ -53,32 +55,70 @@ def run(cfg) -> dict:
         rows_per_shard=settings["read"]["rows_per_shard"],
     )
     adapters = job_config.adapters_for(settings, plan)
-    out = OutputDir(settings["output"]["path"], overwrite=settings["output"]["overwrite"])
-    out.begin(settings, plan)
-
     _init_ray(settings)
     job_config.resolve_device(settings, ray.cluster_resources().get("GPU", 0))
-    ds = build_dataset(settings, plan, model_path, adapters)
+
+    out = OutputDir(
+        settings["output"]["path"],
+        overwrite=settings["output"]["overwrite"],
+        rows_per_part=settings["output"]["rows_per_part"],
+    )
+    resume = out.open(job_config.fingerprint(settings, plan, adapters))
+    if resume.complete:
+        print(f"{out.path} already holds this job's complete output; nothing to do", file=sys.stderr)
+        _shutdown(settings)
+        return resume.manifest
     stats = RunStats(total_rows=plan.total_rows)
+    for table in out.committed_stats_tables():
+        stats.add(table, resumed=True)
+    if resume.rows:
+        log.info("resuming: %d of %d rows are already committed", resume.rows, plan.total_rows)
+
+    remaining = [s for s in plan.shards if len(resume.skip_for(s.source) & set(s.row_range)) < s.num_rows]
     with stats.progress(enabled=settings["progress"]) as progress:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            out.add(batch)
-            stats.add(batch)
-            progress.update(stats)
-    manifest = out.finish(settings, plan, stats, started=started, versions=versions())
+        if remaining:
+            ds = build_dataset(settings, plan, remaining, resume, model_path, adapters)
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                out.add(batch)
+                stats.add(batch)
+                progress.update(stats)
+    finished = time.time()
+    manifest = out.finish(
+        {
+            "status": "complete",
+            "started_at": _iso(started),
+            "finished_at": _iso(finished),
+            "config": settings,
+            "versions": versions(),
+            "inputs": {"files": list(plan.files), "fingerprints": plan.fingerprints},
+            "adapters": adapters,
+            "counts": stats.counts(),
+            "tokens": stats.tokens(),
+            "wall_time_s": round(finished - started, 3),
+            "throughput": stats.throughput(finished - started),
+        }
+    )
     print(stats.summary(out.path), file=sys.stderr)
-    if settings["ray"]["shutdown"] and ray.is_initialized():
-        ray.shutdown()
+    _shutdown(settings)
     return manifest
 
 
-def build_dataset(settings: dict, plan: ShardPlan, model_path: str, adapters: dict):
+def _shutdown(settings: dict) -> None:
+    if settings["ray"]["shutdown"] and ray.is_initialized():
+        ray.shutdown()
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def build_dataset(settings: dict, plan: ShardPlan, shards: list[Shard], resume: Resume, model_path: str, adapters: dict):
     from pipeline.engine import GenerationWorker
 
     engine = settings["engine"]
     workers = settings["workers"]
     engine["seed"] = settings["seed"]
-    ds = ray.data.read_datasource(ShardDatasource(plan), override_num_blocks=len(plan.shards))
+    ds = ray.data.read_datasource(ShardDatasource(plan, shards, resume), override_num_blocks=len(shards))
     prepare = functools.partial(
         _prepare_block,
         model_path=model_path,
@@ -142,18 +182,27 @@ def _preparer(model_path, job_seed, max_model_len, date_string, ignore_eos, adap
 class ShardDatasource(Datasource):
     """Reads the planned shards; each read task yields canonical rows (ids + request JSON)."""
 
-    def __init__(self, plan: ShardPlan):
+    def __init__(self, plan: ShardPlan, shards: list[Shard], resume: Resume):
         super().__init__()
         self.plan = plan
+        self.shards = shards
+        self.resume = resume
 
     def estimate_inmemory_data_size(self):
-        return sum(s.num_rows for s in self.plan.shards) * ROW_BYTES_GUESS
+        return sum(s.num_rows for s in self.shards) * ROW_BYTES_GUESS
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
         # One task per shard whatever `parallelism` asks: a shard is what fixes row ids.
         return [
             ReadTask(
-                functools.partial(_read_shard, shard, self.plan.id_column, self.plan.passthrough),
+                functools.partial(
+                    _read_shard,
+                    shard,
+                    self.plan.id_column,
+                    self.plan.passthrough,
+                    self.plan.passthrough_types,
+                    self.resume.skip_for(shard.source) & set(shard.row_range),
+                ),
                 BlockMetadata(
                     num_rows=shard.num_rows,
                     size_bytes=shard.num_rows * ROW_BYTES_GUESS,
@@ -161,13 +210,19 @@ class ShardDatasource(Datasource):
                     input_files=(shard.path,),
                 ),
             )
-            for shard in self.plan.shards
+            for shard in self.shards
         ]
 
 
-def _read_shard(shard: Shard, id_column, passthrough):
-    table = pq.ParquetFile(shard.path).read_row_groups(list(shard.row_groups), columns=list(shard.columns))
-    return [canonical_block(table, shard, id_column, passthrough)]
+def _read_shard(shard: Shard, id_column, passthrough, passthrough_types, skip):
+    try:
+        table = pq.ParquetFile(shard.path).read_row_groups(list(shard.row_groups), columns=list(shard.columns))
+    except (OSError, pa.ArrowException) as exc:
+        # Damaged data pages: the file's footer was fine when planned, its rows are not. Each row
+        # becomes an error row rather than the job failing or the rows vanishing.
+        error = f"rows {shard.first_row}-{shard.first_row + shard.num_rows - 1} of {shard.source}: {exc}"
+        return [unreadable_block(shard, error, passthrough, passthrough_types, frozenset(skip))]
+    return [canonical_block(table, shard, id_column, passthrough, passthrough_types, frozenset(skip))]
 
 
 def _init_ray(settings: dict) -> None:

@@ -11,6 +11,7 @@ Pure module: stdlib + pyarrow only.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -39,6 +40,10 @@ class Shard:
     num_rows: int
     columns: tuple[str, ...]  # the columns to read
 
+    @property
+    def row_range(self) -> range:
+        return range(self.first_row, self.first_row + self.num_rows)
+
 
 @dataclass(frozen=True)
 class ShardPlan:
@@ -47,7 +52,8 @@ class ShardPlan:
     total_rows: int
     id_column: str | None
     passthrough: tuple[str, ...]
-    fingerprints: dict = field(default_factory=dict)  # path -> "size:mtime_ns:num_rows"
+    fingerprints: dict = field(default_factory=dict)  # source -> content fingerprint, see file_fingerprint
+    passthrough_types: dict = field(default_factory=dict)  # column -> pyarrow type
 
 
 def resolve_inputs(inputs: str | list[str]) -> list[str]:
@@ -114,17 +120,18 @@ def plan_shards(
             continue
         for name in passthrough:
             if name in names:
-                column_types.setdefault(name, {}).setdefault(str(schema.field(name).type), []).append(path)
+                column_types.setdefault(name, {}).setdefault(schema.field(name).type, []).append(path)
         wanted = [n for n in schema.names if n in REQUEST_FIELDS or n == id_column or n in passthrough]
         source = os.path.relpath(path, root)
-        stat = os.stat(path)
-        fingerprints[path] = f"{stat.st_size}:{stat.st_mtime_ns}:{meta.metadata.num_rows}"
+        fingerprints[source] = file_fingerprint(path, meta.metadata.num_rows)
         shards.extend(_split(path, source, meta.metadata, tuple(wanted), rows_per_shard))
         total += meta.metadata.num_rows
     for name, by_type in column_types.items():
         if len(by_type) > 1:
             kinds = "; ".join(f"{t} in {', '.join(os.path.basename(p) for p in ps)}" for t, ps in by_type.items())
             problems.append(f"passthrough column '{name}' has different types across files ({kinds}); make them agree")
+    if id_column and not problems:
+        problems.extend(_duplicate_ids(files, id_column))
     if problems:
         raise InputError(problems)
     if total == 0:
@@ -136,7 +143,43 @@ def plan_shards(
         id_column=id_column,
         passthrough=tuple(passthrough),
         fingerprints=fingerprints,
+        passthrough_types={name: next(iter(by_type)) for name, by_type in column_types.items()},
     )
+
+
+def file_fingerprint(path: str, num_rows: int) -> str:
+    """What identifies a file's content for resuming: its size, row count and a hash of its tail.
+
+    A Parquet file's tail is its footer: the schema and every row group's offsets and statistics,
+    so an edit almost anywhere changes it, while copying or touching the file does not.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 65536))
+        tail = hashlib.sha256(f.read()).hexdigest()[:16]
+    return f"{size}:{num_rows}:{tail}"
+
+
+def _duplicate_ids(files: list[str], id_column: str) -> list[str]:
+    """Ids must be unique: they key the output rows and the resume of an interrupted job."""
+    seen: dict[str, str] = {}
+    duplicates: list[str] = []
+    for path in files:
+        for value in pq.read_table(path, columns=[id_column]).column(id_column).to_pylist():
+            if value is None:
+                continue
+            key = str(value)
+            if key in seen:
+                duplicates.append(f"'{key}' ({os.path.basename(seen[key])} and {os.path.basename(path)})")
+            else:
+                seen[key] = path
+    if not duplicates:
+        return []
+    shown = ", ".join(duplicates[:5]) + (f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else "")
+    return [
+        f"id_column '{id_column}': {len(duplicates)} duplicate id(s): {shown}; "
+        "make the ids unique, or set id_column=null to use file#row ids"
+    ]
 
 
 def derived_row_id(source: str, row: int) -> str:

@@ -37,16 +37,34 @@ OUTPUT_SCHEMA = pa.schema(
         ("seed", pa.int64()),
         ("lora", pa.string()),
         ("tool_parse", pa.string()),
+        # Where the row came from: the input file (relative to the inputs' common folder) and the
+        # row's index in it. Resuming an interrupted job reads these back from committed parts.
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
     ]
 )
-CANONICAL = ("_id", "_source", "_row", "_request")
+CANONICAL = ("_id", "_source", "_row", "_request", "_read_error")
 PREPARED = ("_id", "_error", "_prompt_token_ids", "_params", "_lora", "_tools", "_seed")
 
 
-def canonical_block(table: pa.Table, shard: Shard, id_column: str | None, passthrough: Sequence[str]) -> pa.Table:
-    """A shard's rows with their ids and their request fields folded into one JSON column."""
+def canonical_block(
+    table: pa.Table,
+    shard: Shard,
+    id_column: str | None,
+    passthrough: Sequence[str],
+    passthrough_types: dict | None = None,
+    skip: frozenset[int] = frozenset(),
+) -> pa.Table:
+    """A shard's rows with their ids and their request fields folded into one JSON column.
+
+    `skip` holds the file row indices already committed by an earlier run of the job.
+    """
+    rows = list(range(shard.first_row, shard.first_row + table.num_rows))
+    if skip:
+        keep = [i for i, r in enumerate(rows) if r not in skip]
+        table = table.take(pa.array(keep, pa.int64()))
+        rows = [rows[i] for i in keep]
     n = table.num_rows
-    rows = list(range(shard.first_row, shard.first_row + n))
     if id_column:
         ids = [None if v is None else str(v) for v in table.column(id_column).to_pylist()]
         ids = [i if i is not None else derived_row_id(shard.source, r) for i, r in zip(ids, rows)]
@@ -63,9 +81,29 @@ def canonical_block(table: pa.Table, shard: Shard, id_column: str | None, passth
         "_source": pa.array([shard.source] * n, pa.string()),
         "_row": pa.array(rows, pa.int64()),
         "_request": pa.array(requests, pa.string()),
+        "_read_error": pa.nulls(n, pa.string()),
+    }
+    types = passthrough_types or {}
+    for name in passthrough:
+        out[name] = table.column(name) if name in table.column_names else pa.nulls(n, types.get(name, pa.null()))
+    return pa.table(out)
+
+
+def unreadable_block(
+    shard: Shard, error: str, passthrough: Sequence[str], passthrough_types: dict, skip: frozenset[int] = frozenset()
+) -> pa.Table:
+    """A shard whose data cannot be read still gives one (error) row per input row, never none."""
+    rows = [r for r in range(shard.first_row, shard.first_row + shard.num_rows) if r not in skip]
+    n = len(rows)
+    out = {
+        "_id": pa.array([derived_row_id(shard.source, r) for r in rows], pa.string()),
+        "_source": pa.array([shard.source] * n, pa.string()),
+        "_row": pa.array(rows, pa.int64()),
+        "_request": pa.nulls(n, pa.string()),
+        "_read_error": pa.array([error] * n, pa.string()),
     }
     for name in passthrough:
-        out[name] = table.column(name) if name in table.column_names else pa.nulls(n)
+        out[name] = pa.nulls(n, passthrough_types.get(name, pa.null()))
     return pa.table(out)
 
 
@@ -96,9 +134,13 @@ class Preparer:
     def prepare_block(self, block: pa.Table) -> pa.Table:
         ids = block.column("_id").to_pylist()
         requests = block.column("_request").to_pylist()
+        read_errors = block.column("_read_error").to_pylist()
         cols: dict[str, list] = {k: [] for k in PREPARED}
-        for row_id, text in zip(ids, requests):
-            result = self.prepare_row(row_id, text)
+        for row_id, text, read_error in zip(ids, requests, read_errors):
+            if read_error is not None:
+                result = {"_id": row_id, "_error": f"unreadable input: {read_error}"}
+            else:
+                result = self.prepare_row(row_id, text)
             for k in PREPARED:
                 cols[k].append(result.get(k))
         out = {
@@ -109,6 +151,8 @@ class Preparer:
             "_lora": pa.array(cols["_lora"], pa.string()),
             "_tools": pa.array(cols["_tools"], pa.list_(pa.string())),
             "_seed": pa.array(cols["_seed"], pa.int64()),
+            "_source": block.column("_source"),
+            "_row": block.column("_row"),
         }
         for name in block.column_names:
             if name not in CANONICAL:
@@ -161,18 +205,6 @@ class Preparer:
             date_string=self.date_string,
             add_generation_prompt=True,
         )
-
-
-def error_rows(block: pa.Table, passthrough: Sequence[str]) -> dict:
-    """Output columns for prepared rows that carry an error (nothing to generate)."""
-    n = block.num_rows
-    return {
-        "id": block.column("_id").to_pylist(),
-        "error": block.column("_error").to_pylist(),
-        "seed": block.column("_seed").to_pylist(),
-        "lora": block.column("_lora").to_pylist(),
-        "response": [None] * n,
-    }
 
 
 def output_table(columns: dict, passthrough_cols: dict[str, pa.ChunkedArray | pa.Array]) -> pa.Table:

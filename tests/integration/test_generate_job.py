@@ -70,7 +70,7 @@ def test_entry_point_on_sample_data(tiny_model_dir, tmp_path):
     assert manifest["tokens"]["completion"] == sum(r["completion_tokens"] for r in ok) > 0
     assert manifest["tokens"]["prompt"] == sum(r["prompt_tokens"] for r in ok)
     assert all(r["finish_reason"] in ("stop", "length") and r["completion_tokens"] <= 64 for r in ok)
-    assert sorted(os.listdir(out)) == ["logs", "manifest.json", "parts"]
+    assert sorted(os.listdir(out)) == ["job.json", "logs", "manifest.json", "parts"]
     assert sorted(f"parts/{n}" for n in os.listdir(out / "parts")) == [p["file"] for p in manifest["parts"]]
     assert "done: 200 of 200 rows (197 ok, 3 errors)" in proc.stderr
 
@@ -161,10 +161,15 @@ def test_bad_config_and_inputs_fail_before_writing(generate_job, tmp_path):
 def test_output_folder_is_not_overwritten_by_accident(generate_job, tmp_path):
     good = write(tmp_path / "g.parquet", [{"prompt": "x", "max_tokens": 2}])
     _, out = generate_job(good)
-    with pytest.raises(OutputError, match="already holds a finished job"):
-        generate_job(good, output=out)
-    manifest, _ = generate_job(good, "output.overwrite=true", output=out)
-    assert manifest["counts"]["rows_out"] == 1
+    # The same job again: already complete, nothing is generated.
+    again, _ = generate_job(good, output=out)
+    assert again["counts"]["rows_out"] == 1
+    # Another job into the same folder: refused, saying what differs.
+    with pytest.raises(OutputError) as info:
+        generate_job(good, "seed=5", output=out)
+    assert "seed: 0 -> 5" in str(info.value) and "output.overwrite=true" in str(info.value)
+    manifest, _ = generate_job(good, "seed=5", "output.overwrite=true", output=out)
+    assert manifest["counts"]["rows_out"] == 1 and manifest["config"]["seed"] == 5
 
 
 def test_cli_reports_user_errors_without_traceback(tiny_model_dir, tmp_path):
