@@ -72,6 +72,11 @@ def generation_settings(cfg) -> dict:
     s["lora_root"] = _absolute(s.get("lora_root") or "lora")
     if model.get("build") or _looks_local(model["path"]):
         model["path"] = _absolute(model["path"])
+        if not model.get("build") and not os.path.isfile(os.path.join(model["path"], "config.json")):
+            raise ConfigError(
+                [f"model.path: '{model['path']}' is not a model folder (no config.json); "
+                 "give a local Hugging Face model folder or a hub id"]
+            )
     return s
 
 

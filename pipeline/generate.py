@@ -129,6 +129,9 @@ def build_dataset(settings: dict, plan: ShardPlan, shards: list[Shard], resume: 
         adapters=adapters,
     )
     ds = ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, num_cpus=settings["prepare"]["num_cpus"])
+    # Ray Data merges a task's outputs into one block, so without this a whole read shard would
+    # reach the driver at once: results arrive (and are committed) one engine batch at a time.
+    ds = ds.repartition(target_num_rows_per_block=settings["batch_size"])
     ds = ds.map_batches(
         GenerationWorker,
         fn_constructor_kwargs={
