@@ -63,6 +63,15 @@ def generation_settings(cfg) -> dict:
     passthrough = s.get("passthrough") or []
     if not isinstance(passthrough, list) or not all(isinstance(c, str) for c in passthrough):
         problems.append(f"passthrough: must be a list of column names (got {passthrough!r})")
+    if s.get("response_format") is not None:
+        from pipeline.tools import ResponseFormatError, validate_response_format
+
+        try:
+            s["response_format"] = validate_response_format(s["response_format"])
+        except ResponseFormatError as exc:
+            problems.extend(f"response_format: {p}" for p in exc.problems)
+    else:
+        s["response_format"] = None
     if problems:
         raise ConfigError(problems)
 
@@ -201,7 +210,7 @@ def _absolute(path: str) -> str:
 OUTPUT_SETTINGS = (
     ("model", ("name", "path", "seed", "quantization")),
     ("engine", ("dtype", "max_model_len", "quantization", "ignore_eos")),
-    (None, ("seed", "prompt", "id_column", "passthrough", "device", "lora_root")),
+    (None, ("seed", "prompt", "id_column", "passthrough", "device", "lora_root", "response_format")),
 )
 
 

@@ -45,6 +45,10 @@ def engine_kwargs(engine: dict, model_path: str, *, on_cpu: bool) -> dict:
         chunked = False
     if chunked is not None:
         kwargs["enable_chunked_prefill"] = bool(chunked)
+    if engine.get("compact_json", True):
+        # Guided JSON without free whitespace between tokens: otherwise a model can spend its
+        # max_tokens on blanks between keys and leave the answer cut off and unparseable.
+        kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     lora = engine.get("lora") or {}
     if lora.get("enabled"):
         kwargs["enable_lora"] = True

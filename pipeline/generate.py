@@ -127,6 +127,7 @@ def build_dataset(settings: dict, plan: ShardPlan, shards: list[Shard], resume: 
         date_string=settings["prompt"]["date_string"],
         ignore_eos=engine["ignore_eos"],
         adapters=adapters,
+        response_format_json=json.dumps(settings["response_format"]),
     )
     ds = ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, num_cpus=settings["prepare"]["num_cpus"])
     # Ray Data merges a task's outputs into one block, so without this a whole read shard would
@@ -156,7 +157,7 @@ def _prepare_block(block: pa.Table, **kwargs) -> pa.Table:
 
 
 @functools.lru_cache(maxsize=4)
-def _preparer(model_path, job_seed, max_model_len, date_string, ignore_eos, adapters_json) -> Preparer:
+def _preparer(model_path, job_seed, max_model_len, date_string, ignore_eos, adapters_json, response_format_json) -> Preparer:
     """One preparer per worker process: the template and tokenizer load once, not per block."""
     from tokenizers import Tokenizer
 
@@ -179,6 +180,7 @@ def _preparer(model_path, job_seed, max_model_len, date_string, ignore_eos, adap
         date_string=date_string,
         ignore_eos=ignore_eos,
         resolve_lora=functools.partial(check_adapter_request, adapters),
+        default_response_format=json.loads(response_format_json),
     )
 
 

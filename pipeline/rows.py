@@ -13,6 +13,7 @@ Pure module: pyarrow, jsonschema, jinja2; the tokenizer is passed in as a functi
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -130,6 +131,8 @@ class Preparer:
     date_string: str | None = None
     ignore_eos: bool = False
     resolve_lora: Callable[[str], None] | None = None  # raises ValueError for an unusable adapter
+    # The job's response_format (normalised), for rows that give none of their own.
+    default_response_format: dict | None = None
 
     def prepare_block(self, block: pa.Table) -> pa.Table:
         ids = block.column("_id").to_pylist()
@@ -164,6 +167,8 @@ class Preparer:
             request = parse_request(json.loads(request_json))
         except RequestError as exc:
             return {"_id": row_id, "_error": f"invalid request: {exc}"}
+        if request.response_format is None and self.default_response_format is not None:
+            request = dataclasses.replace(request, response_format=self.default_response_format)
         seed = request.seed if request.seed is not None else row_seed(self.job_seed, row_id)
         base = {"_id": row_id, "_seed": seed, "_lora": request.lora}
         if request.lora is not None and self.resolve_lora is not None:

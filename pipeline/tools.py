@@ -258,7 +258,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+# strict=False: a raw control character inside a string (which small or sampled models emit, and
+# which guided decoding grammars let through) should not turn an otherwise whole call into
+# "malformed"; the stored arguments are re-encoded as standard JSON anyway.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, strict=False)
 _DECODE_ERRORS = (ValueError, RecursionError)  # RecursionError: absurdly deep nesting
 
 
