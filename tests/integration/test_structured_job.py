@@ -58,7 +58,7 @@ def test_label_sets_and_schemas_are_enforced(generate_job, tmp_path):
 def test_job_level_response_format(generate_job, tmp_path):
     pq.write_table(pa.table({"prompt": [f"item {i}" for i in range(30)]}), tmp_path / "p.parquet")
     _, out = generate_job(str(tmp_path / "p.parquet"),
-                          "+response_format={type: choice, choices: [yes, no]}")
+                          "response_format={type: choice, choices: [yes, no]}")
     assert {r["response"] for r in rows(out).values()} <= {"yes", "no"}
 
 
