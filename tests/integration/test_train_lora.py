@@ -300,3 +300,41 @@ def test_config_errors_are_reported_together(tiny_model_dir, tmp_path):
         train(tiny_model_dir, tmp_path, "../bad", "train.lora.rank=0", "data.prompt_column=prompt")
     text = str(e.value)
     assert "adapter.name" in text and "train.lora.rank" in text and "data.response_column" in text
+
+
+def test_mixed_adapters_and_base_in_one_job_equal_separate_jobs(trained, tmp_path):
+    """Two different adapters and the base model, mixed in every batch of one job, give the same
+    rows as three jobs that each run one of them."""
+    from pipeline.generate import run as generate
+    from pipeline.train import sample_conversations
+
+    other = "Ciao from the second adapter!"
+    convs = [[{**m, "content": other} if m["role"] == "assistant" else m for m in c] for c in sample_conversations(48)]
+    data = tmp_path / "second.parquet"
+    pq.write_table(pa.table({"messages": [json.dumps(c) for c in convs]}), data)
+    train(trained["model_dir"], trained["root"], "second", f"data.path={data}", "adapter.overwrite=true")
+
+    # The first round greedy (answers checkable), the others sampled (seeded: still reproducible).
+    rows = [{"uid": f"{lora}-{i}", "prompt": q, "lora": lora, "temperature": 0.0 if i < len(QUESTIONS) else 0.7,
+             "max_tokens": 12}
+            for i, q in enumerate(QUESTIONS * 3) for lora in ("nested", "second", None)]
+
+    def job(name, selected):
+        src = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(selected), src)
+        out = tmp_path / f"out-{name}"
+        generate(compose("generate", [
+            "model=tiny", f"model.path={trained['model_dir']}", f"input={src}", f"output.path={out}",
+            "engine.kv_cache_gib=0.25", "ray.shutdown=false", "progress=false", "id_column=uid",
+            f"lora_root={trained['root']}", "batch_size=36",
+        ]))
+        return {r["id"]: (r["response"], r["lora"], r["error"]) for r in pq.read_table(out / "parts").to_pylist()}
+
+    mixed = job("mixed", rows)
+    separate = {}
+    for lora in ("nested", "second", None):
+        separate.update(job(f"only-{lora}", [r for r in rows if r["lora"] == lora]))
+    assert mixed == separate
+    assert {mixed[f"second-{i}"][0] for i in range(len(QUESTIONS))} == {other}
+    assert {mixed[f"nested-{i}"][0] for i in range(len(QUESTIONS))} == {SAMPLE_ANSWER}
+    assert not {mixed[f"None-{i}"][0] for i in range(len(QUESTIONS))} & {other, SAMPLE_ANSWER}
