@@ -149,7 +149,7 @@ def adapters_for(settings: dict, plan: ShardPlan) -> dict[str, dict]:
 
     registry = AdapterRegistry(settings["lora_root"])
     base = settings["model"]
-    accepted_bases = {base.get("name"), base.get("path"), base.get("train_path")} - {None}
+    accepted_bases = _identities([base.get("name"), base.get("path"), base.get("train_path")])
     limit = int(lora_cfg.get("max_rank_limit", 256))
     adapters: dict[str, dict] = {}
     for name in names:
@@ -158,7 +158,7 @@ def adapters_for(settings: dict, plan: ShardPlan) -> dict[str, dict]:
         except (AdapterNotFound, ValueError) as exc:
             adapters[name] = {"error": str(exc)}
             continue
-        if adapter.base_model not in accepted_bases:
+        if not _identities(adapter.base_identities) & accepted_bases:
             adapters[name] = {
                 "error": f"adapter '{name}' was trained for base model '{adapter.base_model}', "
                 f"but this job runs '{base.get('name')}' ({base.get('path')})"
@@ -176,6 +176,18 @@ def adapters_for(settings: dict, plan: ShardPlan) -> dict[str, dict]:
         lora_cfg["max_rank"] = _vllm_rank(max(a["rank"] for a in usable))
         lora_cfg["max_loras"] = max(1, min(len(usable), int(lora_cfg.get("max_loras_limit", 8))))
     return adapters
+
+
+def _identities(names) -> set[str]:
+    """Model names and paths, with each path that exists also in its resolved form, so that a
+    relative and an absolute spelling of one folder match."""
+    out = set()
+    for name in names:
+        if name:
+            out.add(str(name))
+            if os.path.exists(str(name)):
+                out.add(os.path.realpath(str(name)))
+    return out
 
 
 def check_adapter_request(adapters: dict[str, dict], name: str) -> None:

@@ -91,6 +91,16 @@ class Adapter:
     manifest: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
+    def base_identities(self) -> set[str]:
+        """Every name the adapter's base model goes by: its config name, the checkpoint it was
+        published for and the float weights it was trained on (an AWQ model's `train_path`)."""
+        base = self.manifest.get("base_model")
+        found = {self.base_model}
+        if isinstance(base, dict):
+            found |= {base.get(k) for k in ("name", "path", "train_path")}
+        return {str(b) for b in found if b}
+
+    @property
     def steps(self) -> int | None:
         return self.manifest.get("steps")
 

@@ -32,7 +32,10 @@ def ray_session():
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}},
+            # PIPELINE_WNA16_FALLBACK=on: 4-bit (AWQ) layers take the path of CPUs without vLLM's
+            # 4-bit kernel (AVX2), whatever this machine's CPU; float models are unaffected.
+            runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
+                                      "PIPELINE_WNA16_FALLBACK": "on"}},
         )
     yield ray
     ray.shutdown()
