@@ -16,6 +16,9 @@ checkpoint format does not depend on it, and for a random test model it buys not
 range is widened to include 0 (as GPTQ does) and its scale is rounded *up* to float16, so the zero
 point never clamps and every weight is within half a scale step of its float value.
 
+`quantize_to_gptq` writes the other 4-bit layout vLLM's WNA16 path reads (AutoGPTQ's: symmetric,
+packed along the input dimension, no activation order), so both formats can be tested.
+
 `unpack_awq` and `dequantize_checkpoint` go the other way: the float weights the 4-bit model stands
 for, computed exactly (in float32), which is what the vLLM tests compare the quantized model against.
 
@@ -156,6 +159,64 @@ def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     return dequantize_rtn(intweight, zeros, scales.t(), group_size)
 
 
+# GPTQ (AutoGPTQ's format, symmetric, desc_act=False): the other 4-bit layout vLLM's WNA16 path
+# takes. Values are packed eight to an int32 along the *input* dimension in plain order (row
+# 8*i + j in bits 4j.. of packed row i); a value q stands for (q - 8) * scale.
+GPTQ_BIAS = 8
+
+
+def quantize_gptq_linear(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """A float linear weight [out, in] as AutoGPTQ's tensors: qweight int32 [in/8, out], qzeros
+    int32 [in/group, out/8] (AutoGPTQ's "zero - 1", i.e. 7, unused by symmetric kernels), scales
+    float16 [in/group, out] and g_idx int32 [in] (each input's group)."""
+    out_features, in_features = weight.shape
+    _check_group_size(in_features, group_size, "weight")
+    if in_features % PACK_FACTOR or out_features % PACK_FACTOR:
+        raise ValueError(f"shape {out_features} x {in_features}: GPTQ packs 8 values per int32, need multiples of 8")
+    w = weight.detach().to(torch.float32).reshape(out_features, in_features // group_size, group_size)
+    # Symmetric: (q - 8) in -8..7, so the largest magnitude maps to 7 steps; float16 scale rounded up.
+    amax = w.abs().amax(dim=-1).clamp(min=1e-5)
+    scales = (amax / (GPTQ_BIAS - 1)).to(torch.float16)
+    too_small = scales.to(torch.float32) < amax / (GPTQ_BIAS - 1)
+    scales = torch.where(too_small, torch.nextafter(scales, torch.full_like(scales, float("inf"))), scales)
+    q = (torch.round(w / scales.to(torch.float32)[..., None]) + GPTQ_BIAS).clamp(0, MAX_INT)
+    intweight = q.reshape(out_features, in_features).to(torch.int32)
+    groups = in_features // group_size
+    zeros = torch.full((groups, out_features), GPTQ_BIAS - 1, dtype=torch.int32)
+    return {
+        "qweight": pack_int4_sequential(intweight).t().contiguous(),
+        "qzeros": pack_int4_sequential(zeros),
+        "scales": scales.t().contiguous(),
+        "g_idx": torch.arange(in_features, dtype=torch.int32) // group_size,
+    }
+
+
+def pack_int4_sequential(values: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit values [rows, cols] into int32 [rows, cols/8], value 8*j + i in bits 4i.. (GPTQ)."""
+    rows, cols = values.shape
+    if cols % PACK_FACTOR:
+        raise ValueError(f"cannot pack {cols} values: 8 per int32, need a multiple of 8")
+    v = values.to(torch.int64).reshape(rows, cols // PACK_FACTOR, PACK_FACTOR)
+    packed = (v << torch.arange(0, 32, BITS, dtype=torch.int64)).sum(dim=-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_int4_sequential(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4_sequential`."""
+    rows, packed_cols = packed.shape
+    nibbles = (packed.to(torch.int32)[..., None] >> torch.arange(0, 32, BITS, dtype=torch.int32)) & MAX_INT
+    return nibbles.reshape(rows, packed_cols * PACK_FACTOR)
+
+
+def unpack_gptq(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The float32 weight [out, in] of one symmetric 4-bit GPTQ layer (qweight [in/8, out])."""
+    intweight = unpack_int4_sequential(qweight.t().contiguous())  # [out, in]
+    out_features, in_features = intweight.shape
+    _check_group_size(in_features, group_size, "qweight")
+    q = intweight.to(torch.float32).reshape(out_features, in_features // group_size, group_size)
+    return ((q - GPTQ_BIAS) * scales.t().to(torch.float32)[..., None]).reshape(out_features, in_features)
+
+
 def _check_group_size(in_features: int, group_size: int, what: str) -> None:
     if group_size <= 0 or in_features % group_size:
         raise ValueError(
@@ -180,6 +241,42 @@ def quantize_to_awq(
     The directory appears complete or not at all (built beside it, then renamed); its manifest
     is written last, with `manifest_extra` merged in. Same input and group size, same bytes.
     """
+    qcfg = {
+        "quant_method": "awq",
+        "bits": BITS,
+        "group_size": group_size,
+        "zero_point": True,
+        "version": "gemm",
+        "modules_to_not_convert": None,
+    }
+    method = "round-to-nearest, asymmetric, range widened to include 0, scales rounded up to float16"
+    return _quantize_checkpoint(float_dir, out_dir, lambda w: quantize_linear(w, group_size), qcfg, method, manifest_extra)
+
+
+def quantize_to_gptq(
+    float_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    manifest_extra: dict | None = None,
+) -> Path:
+    """Write the GPTQ (4-bit, symmetric, desc_act=False) checkpoint of a float Llama checkpoint,
+    as AutoGPTQ lays it out; round-to-nearest, like `quantize_to_awq`."""
+    qcfg = {
+        "quant_method": "gptq",
+        "bits": BITS,
+        "group_size": group_size,
+        "sym": True,
+        "desc_act": False,
+        "damp_percent": 0.01,
+        "true_sequential": True,
+        "static_groups": False,
+        "checkpoint_format": "gptq",
+    }
+    method = "round-to-nearest, symmetric (q - 8) * scale, scales rounded up to float16"
+    return _quantize_checkpoint(float_dir, out_dir, lambda w: quantize_gptq_linear(w, group_size), qcfg, method, manifest_extra)
+
+
+def _quantize_checkpoint(float_dir, out_dir, quantize, qcfg: dict, method: str, manifest_extra: dict | None) -> Path:
     float_dir, out_dir = Path(float_dir), Path(out_dir)
     config = json.loads((float_dir / "config.json").read_text())
     if "quantization_config" in config:
@@ -192,7 +289,7 @@ def quantize_to_awq(
         module, _, leaf = name.rpartition(".")
         if leaf == "weight" and _is_quantized_module(module):
             try:
-                out.update({f"{module}.{k}": v for k, v in quantize_linear(tensors[name], group_size).items()})
+                out.update({f"{module}.{k}": v for k, v in quantize(tensors[name]).items()})
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
             quantized += 1
@@ -201,19 +298,12 @@ def quantize_to_awq(
     if not quantized:
         raise ValueError(f"{float_dir.name}: no decoder-block linear layers found (is this a Llama checkpoint?)")
 
-    config["quantization_config"] = {
-        "quant_method": "awq",
-        "bits": BITS,
-        "group_size": group_size,
-        "zero_point": True,
-        "version": "gemm",
-        "modules_to_not_convert": None,
-    }
+    config["quantization_config"] = qcfg
     config["dtype" if "dtype" in config else "torch_dtype"] = "float16"
     manifest = {
-        "kind": "awq",
-        "quantization_config": config["quantization_config"],
-        "method": "round-to-nearest, asymmetric, range widened to include 0, scales rounded up to float16",
+        "kind": qcfg["quant_method"],
+        "quantization_config": qcfg,
+        "method": method,
         "quantized_linear_layers": quantized,
         "source_weights_sha256": sources,
         **(manifest_extra or {}),
@@ -222,7 +312,7 @@ def quantize_to_awq(
 
 
 def dequantize_checkpoint(awq_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write the float checkpoint that the AWQ checkpoint in `awq_dir` represents to `out_dir`.
+    """Write the float checkpoint that the AWQ (or GPTQ) checkpoint in `awq_dir` represents to `out_dir`.
 
     Dequantized linear weights are float32, the exact value of (q - zero) * scale; a loader that
     casts them to float16 or bfloat16 gets the same rounding as a kernel that dequantizes in
@@ -231,10 +321,17 @@ def dequantize_checkpoint(awq_dir: str | os.PathLike, out_dir: str | os.PathLike
     awq_dir, out_dir = Path(awq_dir), Path(out_dir)
     config = json.loads((awq_dir / "config.json").read_text())
     qcfg = config.pop("quantization_config", None) or {}
-    if qcfg.get("quant_method") != "awq" or qcfg.get("bits") != BITS or str(qcfg.get("version", "")).lower() != "gemm":
-        raise ValueError(f"{awq_dir.name}: not a 4-bit GEMM AWQ checkpoint (quantization_config: {qcfg or None})")
-    if not qcfg.get("zero_point", True):
-        raise ValueError(f"{awq_dir.name}: AWQ without zero points is not supported")
+    kind = qcfg.get("quant_method")
+    if kind == "awq":
+        if qcfg.get("bits") != BITS or str(qcfg.get("version", "")).lower() != "gemm":
+            raise ValueError(f"{awq_dir.name}: not a 4-bit GEMM AWQ checkpoint (quantization_config: {qcfg})")
+        if not qcfg.get("zero_point", True):
+            raise ValueError(f"{awq_dir.name}: AWQ without zero points is not supported")
+    elif kind == "gptq":
+        if qcfg.get("bits") != BITS or not qcfg.get("sym") or qcfg.get("desc_act"):
+            raise ValueError(f"{awq_dir.name}: only 4-bit symmetric GPTQ without desc_act is supported ({qcfg})")
+    else:
+        raise ValueError(f"{awq_dir.name}: not a 4-bit AWQ or GPTQ checkpoint (quantization_config: {qcfg or None})")
     group_size = int(qcfg["group_size"])
     tensors, sources = _read_weights(awq_dir)
 
@@ -243,14 +340,17 @@ def dequantize_checkpoint(awq_dir: str | os.PathLike, out_dir: str | os.PathLike
     for name in sorted(tensors):
         module, _, leaf = name.rpartition(".")
         if leaf == "qweight":
-            out[f"{module}.weight"] = unpack_awq(
-                tensors[name], tensors[f"{module}.qzeros"], tensors[f"{module}.scales"], group_size
-            )
+            if kind == "awq":
+                out[f"{module}.weight"] = unpack_awq(
+                    tensors[name], tensors[f"{module}.qzeros"], tensors[f"{module}.scales"], group_size
+                )
+            else:
+                out[f"{module}.weight"] = unpack_gptq(tensors[name], tensors[f"{module}.scales"], group_size)
             dequantized += 1
-        elif leaf not in ("qzeros", "scales") or f"{module}.qweight" not in tensors:
+        elif leaf not in ("qzeros", "scales", "g_idx") or f"{module}.qweight" not in tensors:
             out[name] = tensors[name]
     manifest = {
-        "kind": "awq-dequantized",
+        "kind": f"{kind}-dequantized",
         "from_quantization_config": qcfg,
         "dequantized_linear_layers": dequantized,
         "source_weights_sha256": sources,
@@ -385,10 +485,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{DEFAULT_GROUP_SIZE} with --from)",
     )
     parser.add_argument("--from", dest="float_dir", help="quantize this float checkpoint instead of the tiny model")
+    parser.add_argument("--format", choices=("awq", "gptq"), default="awq", help="checkpoint format with --from (default awq)")
     args = parser.parse_args(argv)
     try:
         if args.float_dir:
-            path = quantize_to_awq(args.float_dir, args.out, group_size=args.group_size or DEFAULT_GROUP_SIZE)
+            quantize = quantize_to_gptq if args.format == "gptq" else quantize_to_awq
+            path = quantize(args.float_dir, args.out, group_size=args.group_size or DEFAULT_GROUP_SIZE)
         else:
             path = ensure_tiny_awq_model(args.out, seed=args.seed, group_size=args.group_size or TINY_GROUP_SIZE)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:

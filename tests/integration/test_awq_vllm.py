@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from pipeline import vllm_plugin
-from pipeline.awq import dequantize_checkpoint, ensure_tiny_awq_model
+from pipeline.awq import TINY_GROUP_SIZE, dequantize_checkpoint, ensure_tiny_awq_model, quantize_to_gptq
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -202,6 +202,20 @@ def test_native_kernel_agrees_with_fallback(models, fallback_outputs):
             worst = max(worst, abs(n[pos][token].logprob - d[pos][token].logprob))
     # float16 GEMMs accumulated differently: a few hundredths of a nat at most on this model
     assert worst < 0.05, worst
+
+
+def test_gptq_with_fallback_equals_dequantized_float_model(tiny_model_dir, tmp_path):
+    """The other WNA16 layout: symmetric GPTQ (uint4b8, no zero points, packed along the input)."""
+    gptq = quantize_to_gptq(tiny_model_dir, tmp_path / "tiny-gptq", group_size=TINY_GROUP_SIZE)
+    dequantized = dequantize_checkpoint(gptq, tmp_path / "tiny-gptq-dequantized")
+    prompts = PROMPTS[:8]
+    with dense_fallback(), engine(gptq) as llm:
+        layers = linear_layers(llm)
+        got = greedy(llm, prompts, 128)
+    assert {k for _, k, _ in layers} == {"DenseWNA16LinearKernel"} and len(layers) == 8
+    with engine(dequantized) as llm:
+        expected = greedy(llm, prompts, 128)
+    assert got == expected
 
 
 # ---- LoRA on top of the dequantized base layers --------------------------------------------------

@@ -205,3 +205,47 @@ def test_checkpoint_names_the_layer_when_group_size_does_not_fit(tmp_path):
     with pytest.raises(ValueError, match=r"model\.layers\.0\..*group size 128 does not divide"):
         awq.quantize_to_awq(tmp_path / "float", tmp_path / "awq", group_size=128)
     assert not (tmp_path / "awq").exists()
+
+
+# ---- GPTQ (the other layout of vLLM's WNA16 path) -------------------------------------------------
+
+
+def autogptq_pack(intweight: torch.Tensor) -> torch.Tensor:
+    """AutoGPTQ's QuantLinear.pack loop: `intweight` is [in, out]; input row 8*r + j goes to
+    bits 4*j.. of packed row r."""
+    qweight = torch.zeros(intweight.shape[0] // 8, intweight.shape[1], dtype=torch.int64)
+    for row in range(qweight.shape[0]):
+        for j in range(8):
+            qweight[row] |= intweight[row * 8 + j].to(torch.int64) << (4 * j)
+    return torch.where(qweight >= 2**31, qweight - 2**32, qweight).to(torch.int32)
+
+
+def test_gptq_layer_matches_autogptq_packing_and_round_trips():
+    weight, group_size = random_weight(64, 128, seed=3), 32
+    t = awq.quantize_gptq_linear(weight, group_size)
+    assert t["qweight"].shape == (128 // 8, 64) and t["qweight"].dtype == torch.int32
+    assert t["qzeros"].shape == (4, 64 // 8) and t["scales"].shape == (4, 64) and t["scales"].dtype == torch.float16
+    assert t["g_idx"].tolist() == [i // group_size for i in range(128)]
+    intweight = awq.unpack_int4_sequential(t["qweight"].t().contiguous())  # [out, in]
+    assert torch.equal(t["qweight"], autogptq_pack(intweight.t().contiguous()))
+    assert awq.unpack_int4_sequential(t["qzeros"]).unique().tolist() == [7]  # AutoGPTQ stores zero - 1
+    back = awq.unpack_gptq(t["qweight"], t["scales"], group_size)
+    step = t["scales"].t().to(torch.float32).repeat_interleave(group_size, dim=1)
+    assert bool(((back - weight).abs() <= step / 2 * (1 + 1e-5)).all())
+    # exact: the integers times the float16 scales
+    expected = (intweight.to(torch.float32) - 8) * step
+    assert torch.equal(back, expected)
+
+
+def test_gptq_checkpoint_and_dequantized_round_trip(tmp_path):
+    from safetensors.torch import load_file
+
+    write_float_checkpoint(tmp_path / "float")
+    out = awq.quantize_to_gptq(tmp_path / "float", tmp_path / "gptq", group_size=32)
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qcfg["quant_method"], qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == ("gptq", 4, 32, True, False)
+    tensors = load_file(str(out / "model.safetensors"))
+    back = load_file(str(awq.dequantize_checkpoint(out, tmp_path / "dense") / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    assert torch.equal(back[f"{name}.weight"], awq.unpack_gptq(tensors[f"{name}.qweight"], tensors[f"{name}.scales"], 32))
+    assert not [k for k in back if k.endswith(("qweight", "qzeros", "scales", "g_idx"))]
