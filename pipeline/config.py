@@ -44,6 +44,7 @@ def generation_settings(cfg) -> dict:
         problems.append("output.path: required: the folder to write Parquet parts and manifest.json into")
     need_int("workers", s.get("workers"), 1)
     need_int("batch_size", s.get("batch_size"), 1)
+    need_int("batches_in_flight", s.get("batches_in_flight"), 1)
     need_int("seed", s.get("seed"), 0)
     need_int("output.rows_per_part", s["output"].get("rows_per_part"), 1)
     need_int("read.rows_per_shard", s["read"].get("rows_per_shard"), 1)
@@ -89,8 +90,11 @@ def generation_settings(cfg) -> dict:
     return s
 
 
-def resolve_device(settings: dict, cluster_gpus: float) -> dict:
-    """Fill the engine settings that depend on whether the workers get GPUs."""
+def resolve_device(settings: dict, cluster_gpus: float, cluster_cpus: float | None = None,
+                   node_cpus: float | None = None) -> dict:
+    """Fill the engine settings that depend on whether the workers get GPUs, and on CPUs how many
+    threads each engine computes with (`cluster_cpus` over the workers, at most `node_cpus`, the
+    largest node's cores; both default to this machine's)."""
     device = settings["device"]
     if device == "auto":
         device = "gpu" if cluster_gpus > 0 else "cpu"
@@ -101,9 +105,15 @@ def resolve_device(settings: dict, cluster_gpus: float) -> dict:
     if engine.get("num_gpus") is None:
         engine["num_gpus"] = engine["tensor_parallel_size"] if device == "gpu" else 0
     if engine.get("num_cpus") is None:
-        # On CPU the engine thread pool uses every core anyway; a fractional claim keeps Ray free
-        # to run the read and prepare tasks beside the actors (whole cores deadlock on 2 cores).
+        # A fractional claim keeps Ray free to run the read and prepare tasks beside the actors
+        # (whole cores deadlock on 2 cores); the engine's threads are set by cpu_threads.
         engine["num_cpus"] = 1 if device == "gpu" else 0.5
+    if device == "cpu" and engine.get("cpu_threads") is None:
+        # Ray sets OMP_NUM_THREADS to an actor's whole CPUs (1 for a fractional claim), which
+        # would leave an engine computing on one core: the workers share the cores instead.
+        cores = os.cpu_count() or 1
+        per_worker = int((cluster_cpus or cores) // max(1, int(settings["workers"])))
+        engine["cpu_threads"] = max(1, min(per_worker, int(node_cpus or cores)))
     if device == "cpu" and engine.get("kv_cache_gib") is None:
         engine["kv_cache_gib"] = 1.0  # vLLM's CPU default reserves far more than a laptop has
     return settings

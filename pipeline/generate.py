@@ -56,7 +56,9 @@ def run(cfg) -> dict:
     )
     adapters = job_config.adapters_for(settings, plan)
     _init_ray(settings)
-    job_config.resolve_device(settings, ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=None)
+    job_config.resolve_device(settings, resources.get("GPU", 0), resources.get("CPU"), node_cpus)
 
     out = OutputDir(
         settings["output"]["path"],
@@ -141,7 +143,14 @@ def build_dataset(settings: dict, plan: ShardPlan, shards: list[Shard], resume: 
             "adapters": adapters,
             "passthrough": list(plan.passthrough),
         },
-        compute=ray.data.ActorPoolStrategy(size=workers),
+        # Several batches per engine at once, each call in its own thread: the worker's engine
+        # loop adds each batch's requests as they arrive (pipeline.engine.EngineLoop).
+        compute=ray.data.ActorPoolStrategy(
+            size=workers,
+            max_concurrent_calls_per_actor=settings["batches_in_flight"],
+            max_tasks_in_flight_per_actor=settings["batches_in_flight"],
+            enable_true_multi_threading=True,
+        ),
         batch_size=settings["batch_size"],
         batch_format="pyarrow",
         num_cpus=engine["num_cpus"],

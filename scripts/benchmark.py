@@ -484,6 +484,9 @@ def run_raydata(args, prepared_path: str, settings: dict, engine_kwargs: dict, m
         placement_group_config={"bundles": [{"CPU": settings["engine"]["num_cpus"]}]},
         # Its default exports metrics through Ray's Prometheus endpoint, which this Ray lacks.
         log_engine_metrics=False,
+        # Ray sets OMP_NUM_THREADS from the actor's (fractional) CPU claim, i.e. 1: give its
+        # engine the threads the job's engine computes with (engine.cpu_threads).
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(settings["engine"]["cpu_threads"])}},
         chat_template_stage=stage,
         tokenize_stage=stage,
         # The engine already detokenizes (as the job's does); a second pass would be extra work.
@@ -695,7 +698,8 @@ def environment() -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=512, help="requests per contender (default 512)")
-    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request, ignore_eos (default 128)")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="output tokens per request, ignore_eos (default 256, the schema's default max_tokens)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
     p.add_argument("--repeats", type=int, default=1, help="run bare/job/raydata this many times, order rotated")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
