@@ -44,7 +44,8 @@ def generation_settings(cfg) -> dict:
         problems.append("output.path: required: the folder to write Parquet parts and manifest.json into")
     need_int("workers", s.get("workers"), 1)
     need_int("batch_size", s.get("batch_size"), 1)
-    need_int("batches_in_flight", s.get("batches_in_flight"), 1)
+    if s.get("batches_in_flight") is not None:
+        need_int("batches_in_flight", s.get("batches_in_flight"), 1)
     need_int("seed", s.get("seed"), 0)
     need_int("output.rows_per_part", s["output"].get("rows_per_part"), 1)
     need_int("read.rows_per_shard", s["read"].get("rows_per_shard"), 1)
@@ -108,6 +109,12 @@ def resolve_device(settings: dict, cluster_gpus: float, cluster_cpus: float | No
         # A fractional claim keeps Ray free to run the read and prepare tasks beside the actors
         # (whole cores deadlock on 2 cores); the engine's threads are set by cpu_threads.
         engine["num_cpus"] = 1 if device == "gpu" else 0.5
+    if settings.get("batches_in_flight") is None:
+        # Enough batches in each engine to fill its running sequences (vLLM's offline default
+        # max_num_seqs: 256 on CPU, up to 1024 on big GPUs), and one more waiting in the engine's
+        # queue, so a finished batch's place is taken at once rather than after Ray delivers the next.
+        seqs = engine.get("max_num_seqs") or (1024 if device == "gpu" else 256)
+        settings["batches_in_flight"] = -(-int(seqs) // int(settings["batch_size"])) + 1
     if device == "cpu" and engine.get("cpu_threads") is None:
         # Ray sets OMP_NUM_THREADS to an actor's whole CPUs (1 for a fractional claim), which
         # would leave an engine computing on one core: the workers share the cores instead.

@@ -362,7 +362,7 @@ class SavedProcessState:
             os.sched_setaffinity(0, self.affinity)
 
 
-def run_bare(args, prepared: list[dict], engine_kwargs: dict, mem: TreeMemory) -> dict:
+def run_bare(args, prepared: list[dict], engine_kwargs: dict, mem: TreeMemory, loras: list | None = None) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -373,7 +373,7 @@ def run_bare(args, prepared: list[dict], engine_kwargs: dict, mem: TreeMemory) -
         started = time.perf_counter()
         llm = LLM(**engine_kwargs)
         ready = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
         finished = time.perf_counter()
         texts = {r["id"]: o.outputs[0].text for r, o in zip(prepared, outputs)}
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -390,22 +390,13 @@ def run_bare(args, prepared: list[dict], engine_kwargs: dict, mem: TreeMemory) -
         "generate_s": round(finished - ready, 2),
         "rows_per_s": round(len(prepared) / wall, 2),
         "output_tokens_per_s": round(out_tokens / wall, 1),
-        # The engine's rate once started: the whole generate() call.
-        "steady_output_tokens_per_s": round(out_tokens / (finished - ready), 1),
+        # The engine's rate once started (the generate() call alone): the ceiling of all three.
+        "engine_output_tokens_per_s": round(out_tokens / (finished - ready), 1),
         # LLM.generate returns every row at once, at the end.
         "time_to_first_row_s": round(wall, 2),
         **memory_fields(w),
         "_texts": texts,
     }
-
-
-def steady_rate(stream: list[tuple[float, int]]) -> float | None:
-    """Output tokens per second between the first and the last arrival of output rows, counting
-    what arrived after the first: the rate once the pipeline is running, free of start-up."""
-    if len(stream) < 3:
-        return None
-    span = stream[-1][0] - stream[0][0]
-    return round(sum(tok for _, tok in stream[1:]) / span, 1) if span > 0 else None
 
 
 @contextlib.contextmanager
@@ -459,7 +450,6 @@ def run_job(args, model_path: str, input_path: str, workdir: Path, mem: TreeMemo
         "output_tokens_per_s": round(out_tokens / wall, 1),
         # The job's own clock starts after planning its inputs (milliseconds here).
         "time_to_first_row_s": manifest["throughput"]["time_to_first_row_s"],
-        "steady_output_tokens_per_s": steady_rate(stream),
         "output_batches": len(stream),
         "settings": {k: manifest["config"][k] for k in ("workers", "batch_size")}
         | {k: manifest["config"]["engine"].get(k) for k in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_gib", "num_cpus")},
@@ -521,7 +511,6 @@ def run_raydata(args, prepared_path: str, settings: dict, engine_kwargs: dict, m
         "rows_per_s": round(len(texts) / wall, 2),
         "output_tokens_per_s": round(out_tokens / wall, 1),
         "time_to_first_row_s": round(first, 2) if first is not None else None,
-        "steady_output_tokens_per_s": steady_rate(stream),
         "output_batches": len(stream),
         **memory_fields(w),
         "_texts": texts,
@@ -667,7 +656,7 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 MAIN_COLUMNS = [
     ("contender", "name", ""), ("rep", "rep", "d"), ("rows", "rows", "d"), ("out tok", "output_tokens", "d"),
     ("wall s", "wall_s", ".1f"), ("rows/s", "rows_per_s", ".2f"), ("out tok/s", "output_tokens_per_s", ".0f"),
-    ("running tok/s", "steady_output_tokens_per_s", ".0f"), ("1st row s", "time_to_first_row_s", ".1f"), ("peak RSS GiB", "peak_rss_gib", ".2f"),
+    ("engine-only tok/s", "engine_output_tokens_per_s", ".0f"), ("1st row s", "time_to_first_row_s", ".1f"), ("peak RSS GiB", "peak_rss_gib", ".2f"),
     ("rise GiB", "rise_rss_gib", ".2f"), ("peak PSS GiB", "peak_pss_gib", ".2f"), ("procs", "peak_processes", "d"),
 ]
 
@@ -755,8 +744,9 @@ def main(argv=None) -> int:
         workdir = Path(owned_tmp.name)
 
     mem = TreeMemory()
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}})
+    if not args.memory_scan:  # the scan runs each job in its own process, with its own Ray
+        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -870,7 +860,7 @@ def main_comparison(args, model_path, workdir, mem, phases, time_left) -> dict:
             r["same_text_as_bare"] = same_texts(texts, reference) if reference is not None else None
             r.update(name=name, phase=phase, rep=rep + 1)
             log(f"  {name}: {r['output_tokens_per_s']:.0f} out tok/s end to end"
-                + (f", {r['steady_output_tokens_per_s']:.0f} once running" if r.get("steady_output_tokens_per_s") else "")
+                + (f", {r['engine_output_tokens_per_s']:.0f} in generate() alone" if r.get("engine_output_tokens_per_s") else "")
                 + f", wall {wall:.1f}s, peak RSS {r['peak_rss_gib']:.2f} GiB")
             runs.append(r)
             by_name[name] = r
@@ -880,15 +870,14 @@ def main_comparison(args, model_path, workdir, mem, phases, time_left) -> dict:
                 continue
             for key, other in (("over_bare", bare), ("over_raydata", rd)):
                 r[key] = ratio(r["output_tokens_per_s"], other and other["output_tokens_per_s"])
-                r[f"steady_{key}"] = ratio(r.get("steady_output_tokens_per_s"), other and other.get("steady_output_tokens_per_s"))
     summary = {}
     for c in todo:
         mine = [r for r in runs if r["name"] == c["name"]]
         summary[c["name"]] = {
             "output_tokens_per_s": median([r["output_tokens_per_s"] for r in mine]),
-            "steady_output_tokens_per_s": median([r.get("steady_output_tokens_per_s") for r in mine]),
+            "engine_output_tokens_per_s": median([r.get("engine_output_tokens_per_s") for r in mine]),
             "peak_rss_gib": median([r["peak_rss_gib"] for r in mine]),
-            **({k: median([r.get(k) for r in mine]) for k in ("over_bare", "over_raydata", "steady_over_bare", "steady_over_raydata")}
+            **({k: median([r.get(k) for r in mine]) for k in ("over_bare", "over_raydata")}
                if c["phase"] == "job" else {}),
         }
     return {
@@ -918,14 +907,52 @@ def lora_comparison(args, model_path, workdir, mem) -> dict:
             r.update(name=f"job, {label}", rep=rep + 1)
             log(f"  {r['name']}: {r['output_tokens_per_s']:.0f} out tok/s, wall {r['wall_s']:.1f}s")
             runs.append(r)
-    ratios, steady = [], []
+    ratios = []
     for rep in range(1, args.repeats + 1):
         a = next(r for r in runs if r["rep"] == rep and r["name"].endswith("mixed adapters"))
         b = next(r for r in runs if r["rep"] == rep and r["name"].endswith("no adapter"))
         ratios.append(ratio(a["output_tokens_per_s"], b["output_tokens_per_s"]))
-        steady.append(ratio(a.get("steady_output_tokens_per_s"), b.get("steady_output_tokens_per_s")))
+    bare = bare_lora_ratios(args, model_path, workdir, mem, plain, n, names, root)
     return {"adapters": len(names), "rows": n, "runs": runs, "mixed_over_none": median(ratios), "per_repeat": ratios,
-            "running_mixed_over_none": median(steady), "running_per_repeat": steady}
+            "bare_mixed_over_none": median(bare), "bare_per_repeat": bare}
+
+
+def bare_lora_ratios(args, model_path, workdir, mem, input_path, n, names, root) -> list:
+    """The same rows through one bare vLLM engine with LoRA enabled, generate() alone, with no
+    adapter and spread over the adapters, in turns: what LoRA costs the engine itself."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    from pipeline.engine import engine_kwargs
+    from pipeline.lora_registry import AdapterRegistry
+
+    settings = job_settings(args, model_path, input_path, str(workdir / "unused"))
+    settings["engine"]["lora"] = {"enabled": True, "max_rank": 8, "max_loras": len(names)}
+    prepared = prepared_rows(make_requests(n, args.max_tokens, args.seed), Path(input_path).name, settings, model_path)
+    registry = AdapterRegistry(root)
+    adapters = [registry.resolve(name) for name in names]
+    requests = [LoRARequest(a.name, a.lora_int_id, str(a.path)) for a in adapters]
+    prompts = [TokensPrompt(prompt_token_ids=r["token_ids"]) for r in prepared]
+    mem.settle()
+    ratios = []
+    with SavedProcessState():
+        llm = LLM(**engine_kwargs(settings["engine"], model_path, on_cpu=True))
+        for rep in range(args.repeats):
+            rates = {}
+            for variant in (("none", "mixed") if rep % 2 == 0 else ("mixed", "none")):
+                params = [SamplingParams(**json.loads(r["params"])) for r in prepared]
+                loras = [requests[i % len(requests)] for i in range(n)] if variant == "mixed" else None
+                started = time.perf_counter()
+                outs = llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+                rates[variant] = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - started)
+            log(f"  bare vLLM with LoRA enabled, repeat {rep + 1}: no adapter {rates['none']:.0f}, "
+                f"mixed adapters {rates['mixed']:.0f} out tok/s")
+            ratios.append(ratio(rates["mixed"], rates["none"]))
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    return ratios
 
 
 def train_comparison(args, model_path, workdir, mem) -> dict:
@@ -1017,17 +1044,33 @@ def batch_scan(args, model_path, workdir, mem, time_left) -> dict:
 
 
 def memory_scan(args, model_path, workdir, mem, time_left) -> dict:
+    """`python -m jobs.generate` at each row count, each in its own process with its own Ray
+    instance (as a user runs it), so that no run inherits another's workers or object store."""
+    import subprocess
+
     counts = [int(x) for x in args.scan_rows.split(",")]
     runs = []
-    for n in counts:
+    for k, n in enumerate(counts):
         if not time_left(f"memory scan at {n} rows"):
             continue
         # Short prompts and few output tokens: the scan is about rows in flight, not compute.
         path = write_requests(workdir / f"scan-{n}.parquet", make_requests(n, args.scan_max_tokens, args.seed, scale=0.25))
-        log(f"memory scan: job on {n} rows, {args.scan_max_tokens} output tokens each ...")
-        r = run_job(args, model_path, path, workdir, mem, f"job {n} rows")
-        r.pop("_texts")
-        r.update(name=f"job, {n} rows")
+        output = workdir / f"scan-out-{k}-{n}"
+        overrides = [o for o in job_overrides(args, model_path, path, str(output)) if o != "ray.shutdown=false"]
+        log(f"memory scan: python -m jobs.generate on {n} rows, {args.scan_max_tokens} output tokens each ...")
+        mem.settle()
+        with mem.window(f"job {n} rows") as w:
+            proc = subprocess.run([sys.executable, "-m", "jobs.generate", *overrides, f"ray.num_cpus={args.ray_cpus}"],
+                                  cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the job on {n} rows failed:\n{proc.stderr[-3000:]}")
+        manifest = json.loads((output / "manifest.json").read_text())
+        if manifest["counts"]["rows_out"] != n or manifest["counts"]["errors"]:
+            raise RuntimeError(f"the job on {n} rows wrote {manifest['counts']}")
+        r = {"name": f"job, {n} rows", "rows": manifest["counts"]["rows_out"],
+             "output_tokens": manifest["tokens"]["completion"], "wall_s": round(w["wall"], 2),
+             "rows_per_s": round(n / w["wall"], 2), "output_tokens_per_s": round(manifest["tokens"]["completion"] / w["wall"], 1),
+             "time_to_first_row_s": manifest["throughput"]["time_to_first_row_s"], **memory_fields(w)}
         log(f"  {n} rows: peak RSS {r['peak_rss_gib']:.2f} GiB, PSS {r['peak_pss_gib']:.2f} GiB, wall {r['wall_s']:.1f}s")
         runs.append(r)
     out = {"runs": runs}
@@ -1059,15 +1102,16 @@ def report(results: dict) -> str:
         lines.append("median over repeats:")
         lines.append(table([{"name": k, **v} for k, v in m["summary"].items()], [
             ("contender", "name", ""), ("out tok/s", "output_tokens_per_s", ".0f"),
-            ("running tok/s", "steady_output_tokens_per_s", ".0f"), ("peak RSS GiB", "peak_rss_gib", ".2f"),
-            ("/bare", "over_bare", ".2f"), ("/bare running", "steady_over_bare", ".2f"),
-            ("/Ray Data LLM", "over_raydata", ".2f"), ("/Ray Data LLM running", "steady_over_raydata", ".2f")]))
+            ("engine-only tok/s", "engine_output_tokens_per_s", ".0f"), ("peak RSS GiB", "peak_rss_gib", ".2f"),
+            ("/bare", "over_bare", ".2f"), ("/Ray Data LLM", "over_raydata", ".2f")]))
     lo = results.get("lora")
     if lo:
         lines += [f"\nLoRA through the job: {lo['rows']} rows, none vs spread over {lo['adapters']} adapters",
                   table(lo["runs"], MAIN_COLUMNS),
-                  f"mixed adapters / no adapter, out tok/s end to end: {lo['mixed_over_none']} (per repeat {lo['per_repeat']}); "
-                  f"once running: {lo['running_mixed_over_none']} (per repeat {lo['running_per_repeat']})"]
+                  f"job, mixed adapters / no adapter, out tok/s end to end: {lo['mixed_over_none']} (per repeat {lo['per_repeat']})"]
+        if lo.get("bare_mixed_over_none") is not None:
+            lines.append(f"bare vLLM (same engine settings, generate() alone), mixed adapters / no adapter: "
+                         f"{lo['bare_mixed_over_none']} (per repeat {lo['bare_per_repeat']}): the engine's own LoRA cost")
     tr = results.get("train")
     if tr:
         lines += [f"\nLoRA training: {tr['conversations']} conversations, {tr['epochs']} epoch(s)",

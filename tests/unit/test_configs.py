@@ -48,3 +48,25 @@ def test_config_errors_are_gathered_and_name_the_setting():
                      "device: must be auto, cpu or gpu (got 'tpu')", "engine.kv_cache_gib: must be > 0 GiB",
                      "response_format: "):
         assert expected in text
+
+
+def test_device_dependent_settings():
+    from pipeline.config import resolve_device
+
+    cpu = resolve_device(generation_settings(composed("generate", ["model=tiny", "workers=2"])), 0, 8, 8)
+    assert cpu["device"] == "cpu" and cpu["engine"]["num_gpus"] == 0 and cpu["engine"]["num_cpus"] == 0.5
+    assert cpu["engine"]["cpu_threads"] == 4  # the cores shared by the two engines, not Ray's 1
+    assert cpu["batches_in_flight"] == 5  # 4 x 64 rows fill the CPU engine's 256 sequences, 1 waits
+    assert cpu["engine"]["kv_cache_gib"] == 1.0
+
+    gpu = resolve_device(generation_settings(composed("generate", ["batch_size=100"])), 8, 128, 128)
+    assert gpu["device"] == "gpu" and gpu["engine"]["num_gpus"] == 1 and gpu["engine"].get("cpu_threads") is None
+    assert gpu["batches_in_flight"] == 12  # ceil(1024 / 100) + 1
+
+    fixed = resolve_device(generation_settings(composed("generate", ["model=tiny", "batches_in_flight=2",
+                                                                     "engine.cpu_threads=1"])), 0, 2, 2)
+    assert fixed["batches_in_flight"] == 2 and fixed["engine"]["cpu_threads"] == 1
+    with pytest.raises(ConfigError, match=r"batches_in_flight: must be an integer >= 1 \(got 0\)"):
+        generation_settings(composed("generate", ["batches_in_flight=0"]))
+    with pytest.raises(ConfigError, match="no GPU"):
+        resolve_device(generation_settings(composed("generate", ["device=gpu"])), 0)

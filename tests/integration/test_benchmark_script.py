@@ -1,0 +1,37 @@
+"""The benchmark script runs end to end (a small size: figures are not asserted, only that every
+contender ran on the same rows and the report came out). Throughput itself is measured by running
+the script, not by tests: see docs/benchmark.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_benchmark_script_runs_every_contender_on_the_same_rows(tiny_model_dir, tmp_path):
+    out = tmp_path / "results.json"
+    env = {**os.environ, "PIPELINE_CACHE": str(Path(tiny_model_dir).parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--phases", "bare,job,raydata,lora", "--rows", "24",
+         "--max-tokens", "8", "--lora-adapters", "2", "--out", str(out), "--workdir", str(tmp_path / "work")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    runs = {r["name"]: r for r in results["main"]["runs"]}
+    assert set(runs) == {"bare vLLM", "job", "Ray Data LLM"}
+    assert {r["output_tokens"] for r in runs.values()} == {24 * 8}
+    assert runs["job"]["same_text_as_bare"] == 1.0  # same seeds, same tokens: the same text
+    summary = results["main"]["summary"]["job"]
+    assert summary["over_bare"] > 0 and summary["over_raydata"] > 0
+    assert results["lora"]["mixed_over_none"] > 0 and results["lora"]["bare_mixed_over_none"] > 0
+    assert "median over repeats" in proc.stdout and "/Ray Data LLM" in proc.stdout
