@@ -38,8 +38,16 @@ class OutputError(ValueError):
     pass
 
 
+def _tmp_name(path: str) -> str:
+    """Where `path` is written before it is renamed into place: hidden (a leading dot), so that a
+    reader of the folder (pyarrow skips '.' and '_' files) never sees a half-written file, even
+    one a killed job left behind."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+
+
 def write_json_atomic(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    tmp = _tmp_name(path)
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, default=str)
         f.write("\n")
@@ -49,7 +57,7 @@ def write_json_atomic(path: str, data: dict) -> None:
 
 
 def write_parquet_atomic(path: str, table: pa.Table) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    tmp = _tmp_name(path)
     pq.write_table(table, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -85,7 +93,8 @@ class OutputDir:
         return sorted(glob.glob(self._file(f"{PARTS}/part-*.parquet")))
 
     def _leftovers(self) -> list[str]:
-        return glob.glob(self._file(f"{PARTS}/*.tmp-*")) + glob.glob(self._file("*.tmp-*"))
+        patterns = (f"{PARTS}/.*.tmp-*", ".*.tmp-*", f"{PARTS}/*.tmp-*", "*.tmp-*")  # the last two: older runs
+        return sorted({p for pattern in patterns for p in glob.glob(self._file(pattern))})
 
     def open(self, fingerprint: dict) -> Resume:
         """Claim the folder for the job `fingerprint` describes; return what is already done."""
