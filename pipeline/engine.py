@@ -3,7 +3,7 @@
 Rows arrive prepared (validated, rendered, tokenized, with their sampling parameters and seed,
 see `pipeline.rows`); rows that already carry an error pass through untouched.
 
-Ray Data hands each worker several batches at once (`engine.batches_in_flight`, each call in its
+Ray Data hands each worker several batches at once (`batches_in_flight`, each call in its
 own thread). One thread per worker, `EngineLoop`, owns the engine: it adds every batch's requests
 as they arrive and steps the engine while anything is unfinished, so the engine's continuous
 batching never waits for the slowest row of a batch or for the next batch to be delivered; each
