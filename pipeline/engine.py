@@ -90,7 +90,6 @@ class GenerationWorker:
 
             torch.set_num_threads(int(engine["cpu_threads"]))
         on_cpu = on_cpu_platform()
-        self.on_cpu = on_cpu
         kwargs = engine_kwargs(engine, model_path, on_cpu=on_cpu)
         try:
             self.llm = LLM(**kwargs)
