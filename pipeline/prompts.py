@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -88,14 +89,16 @@ class ChatTemplate:
         self._compiled = _environment().from_string(template)
 
     @classmethod
-    def from_model(cls, name_or_path: str | os.PathLike, template_name: str | None = None) -> "ChatTemplate":
+    def from_model(
+        cls, name_or_path: str | os.PathLike, template_name: str | None = None, revision: str | None = None
+    ) -> "ChatTemplate":
         """The template of a model: a local folder, or a hub id found in the Hugging Face cache.
 
         Reads ``tokenizer_config.json``; a ``chat_template.jinja`` beside it takes precedence, as
         in transformers. Where the config holds several named templates, `template_name` picks
         one (default: ``"default"``).
         """
-        config_path = resolve_model_file(name_or_path, TOKENIZER_CONFIG)
+        config_path = resolve_model_file(name_or_path, TOKENIZER_CONFIG, revision)
         config = json.loads(config_path.read_text(encoding="utf-8"))
         template = _read_template(config_path.parent / CHAT_TEMPLATE_FILE, config, template_name, name_or_path)
         tokens = {name: _token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
@@ -156,3 +159,59 @@ def _token_text(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
+
+
+class LiteralSpecialTokens:
+    """Keeps special-token text inside a request's content as text, never as control tokens.
+
+    A tokenizer matches its special tokens anywhere in the text it is given, so a message whose
+    content holds ``<|eot_id|><|start_header_id|>system<|end_header_id|>`` would close its own turn
+    and open a system turn. Before rendering, `protect` replaces each special token's text in
+    every string of the request with a marker made of Unicode noncharacters (reserved for
+    internal use, so no text means anything by them; a literal one is escaped too). After
+    rendering, `segments` splits the text at the special tokens the template itself wrote and
+    restores the content's text, which is then tokenized with special tokens read as text.
+    Tokenizers split at special tokens before anything else, so tokenizing the segments apart
+    gives the same ids as tokenizing the whole text wherever content holds no special token.
+    """
+
+    MARK, END = "\ufdd0", "\ufdd1"
+
+    def __init__(self, special_tokens: Sequence[str]):
+        self.tokens = sorted({t for t in special_tokens if t}, key=lambda t: (-len(t), t))
+        self._index = {t: i for i, t in enumerate(self.tokens)}
+        self._find = re.compile("|".join(re.escape(t) for t in self.tokens)) if self.tokens else None
+        self._marker = re.compile(f"{self.MARK}(m|\\d+){self.END}")
+
+    def protect(self, value: Any) -> Any:
+        """`value` (strings, lists, dicts) with special-token text in its strings replaced by markers."""
+        if isinstance(value, str):
+            text = value.replace(self.MARK, f"{self.MARK}m{self.END}")
+            if self._find is not None:
+                text = self._find.sub(lambda m: f"{self.MARK}{self._index[m.group(0)]}{self.END}", text)
+            return text
+        if isinstance(value, Mapping):
+            return {k: self.protect(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.protect(v) for v in value]
+        return value
+
+    def segments(self, rendered: str) -> list[tuple[str, bool]]:
+        """The rendered text as (piece, is_special_token) in order, content pieces restored."""
+        out: list[tuple[str, bool]] = []
+        pos = 0
+        for match in self._find.finditer(rendered) if self._find is not None else ():
+            if match.start() > pos:
+                out.append((self._restore(rendered[pos : match.start()]), False))
+            out.append((match.group(0), True))
+            pos = match.end()
+        if pos < len(rendered):
+            out.append((self._restore(rendered[pos:]), False))
+        return out
+
+    def _restore(self, text: str) -> str:
+        def back(m: re.Match) -> str:
+            key = m.group(1)
+            return self.MARK if key == "m" else self.tokens[int(key)]
+
+        return self._marker.sub(back, text)

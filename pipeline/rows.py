@@ -12,8 +12,8 @@ Pure module: pyarrow, jsonschema, jinja2; the tokenizer is passed in as a functi
 
 from __future__ import annotations
 
-import base64
 import dataclasses
+import decimal
 import json
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import pyarrow as pa
 
 from pipeline.planning import Shard, derived_row_id
-from pipeline.prompts import ChatTemplate
+from pipeline.prompts import ChatTemplate, LiteralSpecialTokens
 from pipeline.sampling import row_seed, sampling_kwargs
 from pipeline.schema import REQUEST_FIELDS, Request, RequestError, parse_request
 
@@ -58,7 +58,9 @@ def canonical_block(
 ) -> pa.Table:
     """A shard's rows with their ids and their request fields folded into one JSON column.
 
-    `skip` holds the file row indices already committed by an earlier run of the job.
+    `skip` holds the file row indices already committed by an earlier run of the job. A row
+    whose cells cannot be turned into a request (text that is not UTF-8, a map with a repeated
+    key, a number JSON cannot hold) gets a `_read_error` of its own; the other rows go on.
     """
     rows = list(range(shard.first_row, shard.first_row + table.num_rows))
     if skip:
@@ -66,28 +68,116 @@ def canonical_block(
         table = table.take(pa.array(keep, pa.int64()))
         rows = [rows[i] for i in keep]
     n = table.num_rows
+    read_errors: list[str | None] = [None] * n
+    ids = [derived_row_id(shard.source, r) for r in rows]
     if id_column:
-        ids = [None if v is None else str(v) for v in table.column(id_column).to_pylist()]
-        ids = [i if i is not None else derived_row_id(shard.source, r) for i, r in zip(ids, rows)]
-    else:
-        ids = [derived_row_id(shard.source, r) for r in rows]
+        values, errors = column_cells(table.column(id_column))
+        for i, (value, error) in enumerate(zip(values, errors)):
+            if error is not None:
+                read_errors[i] = f"column '{id_column}': {error}"
+            elif value is not None:
+                ids[i] = value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
     present = [f for f in REQUEST_FIELDS if f in table.column_names]
-    columns = {f: table.column(f).to_pylist() for f in present}
-    requests = []
+    cells = {f: column_cells(table.column(f)) for f in present}
+    requests: list[str | None] = []
     for i in range(n):
-        fields = {f: _jsonable(columns[f][i]) for f in present if columns[f][i] is not None}
-        requests.append(json.dumps(fields, ensure_ascii=False, allow_nan=True))
+        if read_errors[i] is not None:
+            requests.append(None)
+            continue
+        try:
+            fields = {}
+            for f in present:
+                value, error = cells[f][0][i], cells[f][1][i]
+                if error is not None:
+                    raise ValueError(f"column '{f}': {error}")
+                if value is not None:
+                    fields[f] = request_value(f, value)
+            requests.append(json.dumps(fields, ensure_ascii=False, allow_nan=True))
+        except Exception as exc:  # one row's cells, never the shard
+            requests.append(None)
+            read_errors[i] = safe_text(_describe(exc))
     out = {
-        "_id": pa.array(ids, pa.string()),
+        "_id": pa.array([safe_text(i) for i in ids], pa.string()),
         "_source": pa.array([shard.source] * n, pa.string()),
         "_row": pa.array(rows, pa.int64()),
         "_request": pa.array(requests, pa.string()),
-        "_read_error": pa.nulls(n, pa.string()),
+        "_read_error": pa.array(read_errors, pa.string()),
     }
     types = passthrough_types or {}
     for name in passthrough:
         out[name] = table.column(name) if name in table.column_names else pa.nulls(n, types.get(name, pa.null()))
     return pa.table(out)
+
+
+def column_cells(column: pa.ChunkedArray | pa.Array) -> tuple[list, list]:
+    """A column's cells as Python values, and per cell the reason it could not be read (or None).
+
+    The whole column converts at once unless one cell cannot (invalid UTF-8 in a string column
+    raises for the whole column); then each cell is converted on its own, so only that row fails.
+    Map cells become dicts.
+    """
+    try:
+        return column.to_pylist(maps_as_pydicts="strict"), [None] * len(column)
+    except Exception:
+        pass
+    values, errors = [], []
+    for i in range(len(column)):
+        try:
+            values.append(column[i].as_py(maps_as_pydicts="strict"))
+            errors.append(None)
+        except Exception as exc:
+            values.append(None)
+            errors.append(_describe(exc))
+    return values, errors
+
+
+def request_value(field: str, value):
+    """A cell's value as JSON data for the request field `field`."""
+    if field == "image":
+        # The model reads no images: the request is refused for holding one, so only the fact
+        # that it was there has to survive, whatever the cell's type.
+        return "<image>"
+    return _jsonable(value)
+
+
+def _jsonable(value):
+    # A binary cell is UTF-8 text: un-annotated Parquet BINARY is how Hive, Impala and some Spark
+    # settings write strings (planning accepts binary columns only for text fields).
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"not valid UTF-8 (byte {exc.object[exc.start]:#04x} at position {exc.start})") from None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            return float(value)
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    # Planning refuses request columns of other types (dates, times, durations); a value that
+    # still gets here is refused for this row rather than guessed at.
+    raise ValueError(f"a value of type {type(value).__name__} is not a JSON value")
+
+
+def safe_text(text: str) -> str:
+    """`text` as valid UTF-8: lone surrogates (from JSON escapes in a row) written as \\udXXX."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not valid UTF-8 (byte {exc.object[exc.start]:#04x} at position {exc.start})"
+    if isinstance(exc, (ValueError, RequestError)) and str(exc):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def unreadable_block(
@@ -108,18 +198,6 @@ def unreadable_block(
     return pa.table(out)
 
 
-def _jsonable(value):
-    # Binary cells (an image given as bytes) cannot go into JSON text; the request is rejected
-    # for holding an image anyway, so only the fact that it was there has to survive.
-    if isinstance(value, (bytes, bytearray)):
-        return base64.b64encode(value).decode()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 @dataclass
 class Preparer:
     """Validates, renders and tokenizes canonical rows, off the engine's critical path."""
@@ -133,6 +211,20 @@ class Preparer:
     resolve_lora: Callable[[str], None] | None = None  # raises ValueError for an unusable adapter
     # The job's response_format (normalised), for rows that give none of their own.
     default_response_format: dict | None = None
+    # The most characters one token of the tokenizer stands for (see max_request_chars).
+    max_token_chars: int = 256
+    # Special-token text inside content stays text (see prompts.LiteralSpecialTokens): the ids of
+    # the special tokens, and an encoder that reads special-token text as plain text. Without
+    # them the rendered text is encoded whole with `encode`.
+    special_token_ids: dict[str, int] | None = None
+    encode_literal: Callable[[str], list[int]] | None = None
+
+    def __post_init__(self):
+        self.literal = (
+            LiteralSpecialTokens(list(self.special_token_ids))
+            if self.special_token_ids is not None and self.encode_literal is not None
+            else None
+        )
 
     def prepare_block(self, block: pa.Table) -> pa.Table:
         ids = block.column("_id").to_pylist()
@@ -143,7 +235,12 @@ class Preparer:
             if read_error is not None:
                 result = {"_id": row_id, "_error": f"unreadable input: {read_error}"}
             else:
-                result = self.prepare_row(row_id, text)
+                try:
+                    result = self.prepare_row(row_id, text)
+                except Exception as exc:  # whatever goes wrong with one row is that row's error
+                    result = {"_id": row_id, "_error": f"preparing failed: {type(exc).__name__}: {exc}"}
+            if result.get("_error") is not None:
+                result["_error"] = safe_text(result["_error"])
             for k in PREPARED:
                 cols[k].append(result.get(k))
         out = {
@@ -163,10 +260,22 @@ class Preparer:
         return pa.table(out)
 
     def prepare_row(self, row_id: str, request_json: str) -> dict:
+        """One row's engine request, or its error named by the stage that failed."""
+        limit = self.max_request_chars()
+        if len(request_json) > limit:
+            return {
+                "_id": row_id,
+                "_error": (
+                    f"invalid request: {len(request_json):,} characters of request fields cannot fit the model's "
+                    f"context of {self.max_model_len} tokens (engine.max_model_len); shorten the prompt"
+                ),
+            }
         try:
             request = parse_request(json.loads(request_json))
         except RequestError as exc:
             return {"_id": row_id, "_error": f"invalid request: {exc}"}
+        except (ValueError, RecursionError) as exc:
+            return {"_id": row_id, "_error": f"invalid request: {type(exc).__name__}: {exc}"}
         if request.response_format is None and self.default_response_format is not None:
             request = dataclasses.replace(request, response_format=self.default_response_format)
         seed = request.seed if request.seed is not None else row_seed(self.job_seed, row_id)
@@ -180,7 +289,10 @@ class Preparer:
             text = self.render(request)
         except Exception as exc:  # a template error is the row's, never the job's
             return {**base, "_error": f"rendering failed: {exc}"}
-        token_ids = self.encode(text)
+        try:
+            token_ids = self.tokenize(request, text)
+        except Exception as exc:
+            return {**base, "_error": f"tokenization failed: {type(exc).__name__}: {exc}"}
         room = self.max_model_len - len(token_ids)
         if room < 1:
             return {
@@ -201,15 +313,32 @@ class Preparer:
             "_tools": list(request.tool_names),
         }
 
+    def max_request_chars(self) -> int:
+        """Request JSON longer than this cannot fit the context, whatever the tokenizer: checked
+        before any parsing or rendering, so a row of megabytes costs nothing.
+
+        Every token covers at most `max_token_chars` characters of text, and JSON escaping
+        (a control character as \\u0000) at most sextuples a character.
+        """
+        return 6 * self.max_token_chars * self.max_model_len + 65536
+
     def render(self, request: Request) -> str:
+        """The prompt text. A raw prompt is the model's own text, special tokens included; in
+        a rendered one, special-token text from the request is marked so that it stays text."""
         if request.mode == "prompt" and request.raw:
             return request.prompt
-        return self.template.render(
-            request.conversation(),
-            tools=[dict(t) for t in request.tools] or None,
-            date_string=self.date_string,
-            add_generation_prompt=True,
-        )
+        messages, tools = request.conversation(), [dict(t) for t in request.tools] or None
+        if self.literal is not None:
+            messages, tools = self.literal.protect(messages), self.literal.protect(tools)
+        return self.template.render(messages, tools=tools, date_string=self.date_string, add_generation_prompt=True)
+
+    def tokenize(self, request: Request, text: str) -> list[int]:
+        if self.literal is None or (request.mode == "prompt" and request.raw):
+            return self.encode(text)
+        ids: list[int] = []
+        for piece, special in self.literal.segments(text):
+            ids.extend([self.special_token_ids[piece]] if special else self.encode_literal(piece))
+        return ids
 
 
 def output_table(columns: dict, passthrough_cols: dict[str, pa.ChunkedArray | pa.Array]) -> pa.Table:

@@ -30,6 +30,10 @@ REQUEST_FIELDS = (
 NESTED_FIELDS = ("messages", "tools", "functions", "response_format")
 MESSAGE_ROLES = ("system", "user", "assistant", "tool", "ipython")
 
+# Deeper JSON than this is refused as a row error: no request needs it, and Python's decoder
+# and the validators recurse once per level.
+MAX_NESTING = 100
+
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.6
 
@@ -116,8 +120,17 @@ def parse_request(fields: Mapping[str, Any]) -> Request:
         elif isinstance(value, float) and math.isnan(value):
             problems.append(f"{name}: must be a number (got NaN)")
             continue
+        elif name == "lora" and isinstance(value, str) and not value.strip():
+            continue  # "" is how dataframes often spell "no adapter" (fillna("")): the base model
+        bad_text = _invalid_text(value, name)
+        if bad_text:
+            problems.append(bad_text)
+            continue
         values[name] = value
 
+    given = {name for name in ("prompt", "messages") if fields.get(name) is not None}
+    if given - set(values):  # given, but already refused above: nothing more to say about the mode
+        raise RequestError(problems)
     has_prompt, has_messages = "prompt" in values, "messages" in values
     if has_prompt == has_messages:
         problems.append(
@@ -191,13 +204,48 @@ def decode_nested(value: Any) -> Any:
     Parquet cannot tell a missing key from a null one: null keys are dropped.
     """
     if isinstance(value, (bytes, bytearray)):
-        value = value.decode("utf-8", errors="replace")
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"not valid UTF-8 text (byte {exc.object[exc.start]:#04x} at position {exc.start})") from None
     if isinstance(value, str):
+        if _depth_exceeds(value, MAX_NESTING):
+            raise ValueError(f"nested more than {MAX_NESTING} levels deep")
         try:
             return json.loads(value)
         except json.JSONDecodeError as exc:
             raise ValueError(f"not valid JSON text ({exc.msg} at character {exc.pos})") from None
-    return _drop_nulls(value)
+        except RecursionError:
+            raise ValueError(f"nested more than {MAX_NESTING} levels deep") from None
+    try:
+        return _drop_nulls(value)
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_NESTING} levels deep") from None
+
+
+def _depth_exceeds(text: str, limit: int) -> bool:
+    """Whether JSON text opens more than `limit` brackets at once (strings are skipped), found
+    without recursion so that a hostile cell costs one pass over its characters."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
 
 
 def _drop_nulls(value: Any) -> Any:
@@ -253,10 +301,27 @@ def _extra_problems(mode: str, values: dict) -> list[str]:
                     problems.append(
                         f"messages[{i}].role: must be one of {', '.join(MESSAGE_ROLES)} (got {_short(message['role'])})"
                     )
-    lora = values.get("lora")
-    if isinstance(lora, str) and not lora.strip():
-        problems.append("lora: must name an adapter (got an empty string); leave it null for the base model")
     return problems
+
+
+def _invalid_text(value: Any, path: str) -> str | None:
+    """A problem if a string inside `value` is not valid Unicode: JSON text can spell a lone
+    surrogate (\\ud800), which no tokenizer or Parquet writer accepts."""
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                code = ord(item[exc.start])
+                return f"{where}: holds \\u{code:04x} at character {exc.start}, a lone surrogate that is not valid Unicode"
+        elif isinstance(item, dict):
+            stack.extend((v, f"{where}.{k}") for k, v in item.items())
+            stack.extend((k, f"{where} key") for k in item if isinstance(k, str))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+    return None
 
 
 def _path(parts) -> str:

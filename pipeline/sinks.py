@@ -1,14 +1,38 @@
 """The job's output folder: Parquet parts committed whole, a job file, and `manifest.json` last.
 
+    <output>/.lock                          held by the run writing the folder (see "One writer")
     <output>/job.json                       written first: what the job is (config + input fingerprints)
     <output>/parts/part-00000.parquet ...   committed by rename: a part on disk is always complete
     <output>/manifest.json                  written last: its presence means the job finished
 
 A rerun of the same job into the same folder resumes it: the rows of committed parts are not
 generated again (each part records its rows' input file and row index), leftovers of a part
-that was being written are removed, and the rest is generated. Every input row thus lands in
-exactly one committed part. A rerun whose config or inputs differ from `job.json` is refused
-with what changed, unless `output.overwrite=true` starts afresh.
+that was being written are removed, and the rest is generated. A rerun whose config or inputs
+differ from `job.json` is refused with what changed, unless `output.overwrite=true` starts afresh.
+
+Only files this module creates are ever deleted, because `output.path` may be any folder,
+shared with other tools' files:
+  - leftovers: `.job.json.tmp-<32 hex>` and `.manifest.json.tmp-<32 hex>` at the top, and
+    `.part-<5+ digits>.parquet.tmp-<32 hex>` in `parts/`, regular files only (symlinks and
+    folders with such names are left alone);
+  - with `output.overwrite=true`, and only in a folder that has a `job.json`: `job.json`,
+    `manifest.json`, the regular files `parts/part-<digits>.parquet`, and the leftovers above.
+    Everything else (`logs/`, the user's files, `.lock`) stays. A folder without `job.json` that
+    holds a `manifest.json` or `parts/part-*.parquet` is not this project's job output, so it is
+    refused whatever `overwrite` says. A `parts` that is a symlink or not a folder is refused
+    too, so that no deletion or write lands outside the output folder.
+
+One writer: `OutputDir.open()` takes an exclusive `flock` on `<output>/.lock` before it reads or
+deletes anything and holds it until `close()` or `finish()`; the file records the holder's host,
+pid and start time, which a refused second run (a scheduler retry, a rerun in another terminal)
+reports. The operating system drops the lock when its holder dies, so a killed run never leaves
+a stale lock behind. `.lock` is hidden, so Parquet readers of the folder skip it.
+
+Parts are never written over: each is published under the next free `part-<index>` name with
+`os.link` (which fails rather than replace an existing name), indices have at least five digits
+and are parsed as numbers, so part 100000 follows part 99999. Before `manifest.json` is written,
+`finish()` checks from the parts' row ranges that every planned input row was committed exactly
+once; a gap or a duplicate stops the job without a manifest.
 
 The parts have a folder of their own so that any Parquet reader can be pointed at it
 (`pyarrow.parquet.read_table("<output>/parts")`) without tripping over the JSON files.
@@ -18,9 +42,14 @@ Pure module: stdlib + pyarrow.
 
 from __future__ import annotations
 
-import glob
+import errno
+import fcntl
+import fnmatch
 import json
 import os
+import re
+import socket
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,7 +60,21 @@ import pyarrow.parquet as pq
 JOB = "job.json"
 MANIFEST = "manifest.json"
 PARTS = "parts"
+LOCK = ".lock"
 STATS_COLUMNS = ["error", "prompt_tokens", "completion_tokens", "finish_reason", "tool_parse"]
+
+_PART = re.compile(r"^part-(\d+)\.parquet$")
+# The names `_tmp_name` gives to files before they are renamed into place; nothing else is
+# ever cleaned up.
+_TOP_LEFTOVER = re.compile(r"^\.(job\.json|manifest\.json)\.tmp-[0-9a-f]{32}$")
+_PART_LEFTOVER = re.compile(r"^\.part-\d{5,}\.parquet\.tmp-[0-9a-f]{32}$")
+# os.link fails with these where the filesystem has no hard links (FAT, some network and FUSE
+# filesystems); the part is then published by an existence check and a rename, which is safe
+# as long as the lock keeps other writers out.
+_NO_HARD_LINKS = {
+    getattr(errno, name) for name in ("EPERM", "ENOTSUP", "EOPNOTSUPP", "EXDEV", "ENOSYS") if hasattr(errno, name)
+}
+_MAX_PROBLEMS = 10
 
 
 class OutputError(ValueError):
@@ -79,40 +122,173 @@ class Resume:
 
 class OutputDir:
     def __init__(self, path: str, *, overwrite: bool = False, rows_per_part: int = 1024):
+        # A YAML "no" or "false" in quotes is a non-empty string, which would read as true.
+        if not isinstance(overwrite, bool):
+            raise OutputError(f"output.overwrite: must be true or false (got {overwrite!r})")
         self.path = path
         self.overwrite = overwrite
         self.rows_per_part = rows_per_part
         self.parts: list[dict] = []
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> OutputDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A caller that drops the object without close() (an exception between open() and
+        # finish()) must not keep the folder locked for the rest of its process.
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def _file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
+    # -- what is on disk -------------------------------------------------------------------------
+
+    def _parts_dir(self) -> str:
+        """`<output>/parts`, refused when it is a symlink or not a folder: following it would
+        delete or write files somewhere else."""
+        parts = self._file(PARTS)
+        try:
+            mode = os.lstat(parts).st_mode
+        except FileNotFoundError:
+            return parts
+        if stat.S_ISLNK(mode) or not stat.S_ISDIR(mode):
+            what = "a symlink" if stat.S_ISLNK(mode) else "not a folder"
+            raise OutputError(
+                f"'{parts}' is {what}; the job writes its parts into a real folder there: "
+                "remove it or choose another output.path"
+            )
+        return parts
+
+    def _part_names(self) -> list[str]:
+        """Every entry of parts/ named like a part, whatever its type."""
+        parts = self._parts_dir()
+        try:
+            names = os.listdir(parts)
+        except FileNotFoundError:
+            return []
+        return [n for n in names if _PART.match(n)]
+
     def part_files(self) -> list[str]:
-        return sorted(glob.glob(self._file(f"{PARTS}/part-*.parquet")))
+        """The committed parts (regular files named `part-<digits>.parquet`), in index order."""
+        parts = self._parts_dir()
+        names = [n for n in self._part_names() if _is_regular(os.path.join(parts, n))]
+        return [os.path.join(parts, n) for n in sorted(names, key=_part_index)]
+
+    def _looks_like_output(self) -> bool:
+        parts = self._parts_dir()
+        try:
+            names = os.listdir(parts)
+        except (FileNotFoundError, NotADirectoryError):
+            names = []
+        return os.path.lexists(self._file(MANIFEST)) or any(fnmatch.fnmatchcase(n, "part-*.parquet") for n in names)
 
     def _leftovers(self) -> list[str]:
-        patterns = (f"{PARTS}/.*.tmp-*", ".*.tmp-*", f"{PARTS}/*.tmp-*", "*.tmp-*")  # the last two: older runs
-        return sorted({p for pattern in patterns for p in glob.glob(self._file(pattern))})
+        """Files this module was writing when a run stopped (see `_tmp_name`): regular files only."""
+        found = []
+        for folder, pattern in ((self.path, _TOP_LEFTOVER), (self._parts_dir(), _PART_LEFTOVER)):
+            try:
+                names = os.listdir(folder)
+            except FileNotFoundError:
+                continue
+            found += [os.path.join(folder, n) for n in names if pattern.match(n)]
+        return sorted(p for p in found if _is_regular(p))
+
+    # -- the lock --------------------------------------------------------------------------------
+
+    def _acquire_lock(self) -> None:
+        if self._lock_fd is not None:
+            return
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as e:
+            raise OutputError(f"output.path '{self.path}' is not a folder ({e})") from e
+        lock_file = self._file(LOCK)
+        try:
+            # O_NOFOLLOW: the lock file is truncated and written, so a symlink planted there
+            # must not redirect that write. Python's descriptors are not inherited across exec,
+            # so processes the job starts never keep the lock alive after it dies.
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            raise OutputError(f"cannot open the lock file '{lock_file}' ({e}); remove it or choose another output.path") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise OutputError(
+                f"output.path '{self.path}' is in use by another run of the job "
+                f"(host {holder.get('host', 'unknown')}, pid {holder.get('pid', 'unknown')}, "
+                f"since {holder.get('started_at', 'unknown')}); wait for it to finish or stop it"
+            ) from None
+        except OSError as e:
+            os.close(fd)
+            raise OutputError(
+                f"cannot lock '{lock_file}' ({e}); the filesystem of output.path must support file locks "
+                "so that two runs never write the same folder"
+            ) from e
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": _iso(time.time())}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release the folder for other runs (idempotent). The lock file stays: deleting it
+        would let a run that opened it before the deletion lock a file nobody else sees."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    # -- opening ---------------------------------------------------------------------------------
 
     def open(self, fingerprint: dict) -> Resume:
-        """Claim the folder for the job `fingerprint` describes; return what is already done."""
+        """Claim the folder for the job `fingerprint` describes; return what is already done.
+
+        The folder stays locked for this object until `close()` or `finish()`; a job found
+        complete is released at once, since nothing more will be written."""
+        self._acquire_lock()
+        try:
+            resume = self._open(fingerprint)
+        except BaseException:
+            self.close()
+            raise
+        if resume.complete:
+            self.close()
+        return resume
+
+    def _open(self, fingerprint: dict) -> Resume:
         job_file, manifest_file = self._file(JOB), self._file(MANIFEST)
-        has_job, has_manifest, parts = os.path.exists(job_file), os.path.exists(manifest_file), self.part_files()
-        if self.overwrite:
-            for path in parts + self._leftovers() + [p for p in (job_file, manifest_file) if os.path.exists(p)]:
-                os.remove(path)
-            has_job = has_manifest = False
-            parts = []
-        if not has_job and (parts or has_manifest):
+        parts_dir = self._parts_dir()
+        has_job = os.path.lexists(job_file)
+        if not has_job and self._looks_like_output():
             raise OutputError(
-                f"output.path '{self.path}' holds output that is not this job's (no {JOB}); "
-                "choose another output.path or set output.overwrite=true to replace it"
+                f"output.path '{self.path}' holds a {MANIFEST} or {PARTS}/part-*.parquet files but no {JOB}, "
+                "so it is not this project's job output (or not all of it); choose another output.path "
+                "or remove those files"
             )
+        if self.overwrite and has_job:
+            self._remove_previous_output()
+            has_job = False
+        has_manifest = os.path.lexists(manifest_file)
+        self.parts = []
         if has_job:
-            with open(job_file) as f:
-                previous = json.load(f)["fingerprint"]
+            previous = _read_json_object(job_file, "fingerprint")["fingerprint"]
+            if not isinstance(previous, dict):
+                raise OutputError(
+                    f"'{job_file}' is damaged (its \"fingerprint\" is not an object); "
+                    "set output.overwrite=true to start afresh, or choose another output.path"
+                )
             changes = describe_changes(previous, fingerprint)
             if changes:
                 raise OutputError(
@@ -122,21 +298,64 @@ class OutputDir:
                     "or set output.overwrite=true to start afresh"
                 )
             if has_manifest:
-                with open(manifest_file) as f:
-                    return Resume(complete=True, manifest=json.load(f))
-        os.makedirs(self._file(PARTS), exist_ok=True)
+                manifest = _read_json_object(manifest_file, "parts")
+                self._check_listed_parts(manifest)
+                return Resume(complete=True, manifest=manifest)
+        os.makedirs(parts_dir, exist_ok=True)
         for path in self._leftovers():
-            os.remove(path)  # a part or manifest that was being written when the job stopped
+            os.remove(path)  # a part, job file or manifest that was being written when a run stopped
         if not has_job:
             write_json_atomic(job_file, {"fingerprint": fingerprint, "created_at": _iso(time.time())})
         resume = Resume()
-        for path in parts:
-            meta = pq.read_table(path, columns=["source_file", "source_row"])
-            for source, row in zip(meta.column("source_file").to_pylist(), meta.column("source_row").to_pylist()):
+        for path in self.part_files():
+            try:
+                meta = pq.read_table(path, columns=["source_file", "source_row"])
+                entry = _part_entry(os.path.relpath(path, self.path), meta)
+                sources, rows = meta.column("source_file").to_pylist(), meta.column("source_row").to_pylist()
+            except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
+                raise OutputError(
+                    f"'{path}' cannot be read ({e}); the output is damaged: remove that part to generate "
+                    "its rows again, or set output.overwrite=true to regenerate the whole output"
+                ) from e
+            for source, row in zip(sources, rows):
                 resume.done.setdefault(source, set()).add(row)
             resume.rows += meta.num_rows
-            self.parts.append(_part_entry(os.path.relpath(path, self.path), meta))
+            self.parts.append(entry)
         return resume
+
+    def _remove_previous_output(self) -> None:
+        """output.overwrite=true on this project's output: delete what it wrote, nothing else."""
+        for name in (JOB, MANIFEST):
+            path = self._file(name)
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            # unlinking a symlink removes the link, never its target
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                raise OutputError(f"'{path}' is not a file; remove it or choose another output.path")
+            os.remove(path)
+        for path in self.part_files() + self._leftovers():
+            os.remove(path)
+
+    def _check_listed_parts(self, manifest: dict) -> None:
+        listed = manifest["parts"]
+        if not isinstance(listed, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("file"), str) for p in listed
+        ):
+            raise OutputError(
+                f"'{self._file(MANIFEST)}' is damaged (its \"parts\" is not a list of parts); "
+                "set output.overwrite=true to regenerate the output, or choose another output.path"
+            )
+        missing = [p["file"] for p in listed if not _is_regular(self._file(p["file"]))]
+        if missing:
+            shown = ", ".join(missing[:_MAX_PROBLEMS]) + (", ..." if len(missing) > _MAX_PROBLEMS else "")
+            raise OutputError(
+                f"output.path '{self.path}': {MANIFEST} lists {len(missing)} part(s) that are missing ({shown}); "
+                "the output is damaged: set output.overwrite=true to regenerate it"
+            )
+
+    # -- writing ---------------------------------------------------------------------------------
 
     def committed_stats_tables(self):
         """The committed parts' usage columns, one table per part (for the job's totals)."""
@@ -155,17 +374,119 @@ class OutputDir:
         if not self._pending:
             return
         table = pa.concat_tables(self._pending, promote_options="permissive")
-        index = 1 + max((int(os.path.basename(p["file"])[5:10]) for p in self.parts), default=-1)
-        name = f"{PARTS}/part-{index:05d}.parquet"
-        write_parquet_atomic(self._file(name), table)
+        name = self._commit_part(table)
         self.parts.append(_part_entry(name, table))
         self._pending, self._pending_rows = [], 0
 
-    def finish(self, manifest: dict) -> dict:
-        self.flush()
-        manifest = {**manifest, "parts": sorted(self.parts, key=lambda p: p["file"])}
-        write_json_atomic(self._file(MANIFEST), manifest)
-        return manifest
+    def _next_index(self) -> int:
+        """One past the highest part index known, in this run's parts or on disk."""
+        names = [os.path.basename(p["file"]) for p in self.parts if isinstance(p.get("file"), str)]
+        indices = [_part_index(n) for n in names + self._part_names() if _PART.match(n)]
+        return 1 + max(indices, default=-1)
+
+    def _commit_part(self, table: pa.Table) -> str:
+        """Write `table` as the next part; return its name relative to the folder."""
+        index = self._next_index()
+        parts_dir = self._parts_dir()
+        tmp = _tmp_name(os.path.join(parts_dir, _part_name(index)))
+        try:
+            pq.write_table(table, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            while not _publish_new(tmp, os.path.join(parts_dir, _part_name(index))):
+                index += 1  # the name is taken: a part is never written over
+        finally:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        return f"{PARTS}/{_part_name(index)}"
+
+    def finish(self, manifest: dict, expected_rows: dict[str, int] | None = None) -> dict:
+        """Commit what is pending and write `manifest.json`, then release the folder.
+
+        `expected_rows` (input file -> its number of rows in the plan), when given, is checked
+        against the parts first: every row committed exactly once, or no manifest is written."""
+        try:
+            self.flush()
+            parts = sorted(self.parts, key=lambda p: (_part_index(os.path.basename(p["file"])), p["file"]))
+            if expected_rows is not None:
+                problems = check_exactly_once(parts, expected_rows)
+                if problems:
+                    shown = problems[:_MAX_PROBLEMS]
+                    if len(problems) > len(shown):
+                        shown.append(f"... and {len(problems) - len(shown)} more")
+                    raise OutputError(
+                        f"output.path '{self.path}': the committed parts do not hold every planned row exactly "
+                        f"once, so {MANIFEST} was not written:\n"
+                        + "\n".join(f"  - {p}" for p in shown)
+                        + "\nrerun the job to generate missing rows; rows committed more than once need "
+                        "output.overwrite=true to regenerate the output"
+                    )
+            manifest = {**manifest, "parts": parts}
+            write_json_atomic(self._file(MANIFEST), manifest)
+            return manifest
+        finally:
+            self.close()
+
+
+def check_exactly_once(parts: list[dict], expected_rows: dict[str, int]) -> list[str]:
+    """What keeps `parts` (manifest entries, with their inclusive `covers` ranges) from holding
+    rows 0..n-1 of each input file exactly once, n being `expected_rows[file]`; empty if nothing.
+
+    Works on ranges, not rows: a boundary sweep over the sorted range ends, so a plan of 10^8
+    rows in a few thousand ranges costs a few thousand steps."""
+    problems: list[str] = []
+    ranges: dict[str, list[tuple[int, int]]] = {source: [] for source in expected_rows}
+    for part in parts:
+        covers = part.get("covers")
+        if not isinstance(covers, dict):
+            problems.append(f"{part.get('file', '?')}: no row ranges recorded")
+            continue
+        for source, spans in covers.items():
+            ok = isinstance(spans, list) and all(
+                isinstance(s, (list, tuple)) and len(s) == 2 and all(type(x) is int for x in s) and s[0] <= s[1]
+                for s in spans
+            )
+            if not ok:
+                problems.append(f"{part.get('file', '?')}: malformed row ranges for {source}")
+                continue
+            ranges.setdefault(source, []).extend((a, b) for a, b in spans)
+    for source in sorted(ranges):
+        spans = ranges[source]
+        if source not in expected_rows:
+            count = sum(b - a + 1 for a, b in spans)
+            problems.append(f"{source}: {count} row(s) committed from a file that is not in the plan")
+            continue
+        n = expected_rows[source]
+        for start, end, times in _coverage(spans, n):
+            rows = f"row {start}" if start == end else f"rows {start}-{end}"
+            if start < 0 or end >= n:
+                if times:
+                    problems.append(f"{source}: {rows} committed, but the plan has rows 0-{n - 1} only")
+            elif times == 0:
+                problems.append(f"{source}: {rows} missing")
+            elif times > 1:
+                problems.append(f"{source}: {rows} committed {times} times")
+    return problems
+
+
+def _coverage(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int, int]]:
+    """Split the rows touched by `spans` and the plan's rows 0..n-1 into maximal inclusive runs
+    [(start, end, times covered)], each run either wholly inside the plan or wholly outside."""
+    delta: dict[int, int] = {0: 0, n: 0}
+    for a, b in spans:
+        delta[a] = delta.get(a, 0) + 1
+        delta[b + 1] = delta.get(b + 1, 0) - 1
+    points = sorted(delta)
+    runs: list[tuple[int, int, int]] = []
+    times = 0
+    for here, following in zip(points, points[1:]):
+        times += delta[here]
+        inside = 0 <= here < n
+        if runs and runs[-1][2] == times and runs[-1][1] == here - 1 and (0 <= runs[-1][0] < n) == inside:
+            runs[-1] = (runs[-1][0], following - 1, times)
+        else:
+            runs.append((here, following - 1, times))
+    return runs
 
 
 def describe_changes(previous: dict, current: dict, prefix: str = "") -> list[str]:
@@ -194,7 +515,8 @@ def _part_entry(name: str, table: pa.Table) -> dict:
 
 
 def _ranges(rows: list[int]) -> list[list[int]]:
-    """[1, 2, 3, 7] -> [[1, 3], [7, 7]] (inclusive)."""
+    """[1, 2, 3, 7] -> [[1, 3], [7, 7]] (inclusive). A repeated row starts a new range, so a
+    part that holds a row twice shows as overlapping ranges."""
     out: list[list[int]] = []
     for r in sorted(rows):
         if out and r == out[-1][1] + 1:
@@ -202,6 +524,71 @@ def _ranges(rows: list[int]) -> list[list[int]]:
         else:
             out.append([r, r])
     return out
+
+
+def _part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def _part_index(name: str) -> int:
+    """part-00042.parquet -> 42; a name that is not a part's sorts last."""
+    match = _PART.match(name)
+    return int(match.group(1)) if match else 1 << 62
+
+
+def _publish_new(tmp: str, final: str) -> bool:
+    """Give the finished file `tmp` the name `final` unless that name exists; True if it did."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(final):
+            return False
+        os.replace(tmp, final)
+        return True
+    os.remove(tmp)
+    return True
+
+
+def _is_regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _read_json_object(path: str, required: str) -> dict:
+    """A JSON object this module wrote, with its `required` key; a damaged one is an OutputError."""
+    problem = None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        problem = f"cannot be read ({e})"
+    else:
+        if not isinstance(data, dict):
+            problem = "is not a JSON object"
+        elif required not in data:
+            problem = f'has no "{required}"'
+    if problem:
+        raise OutputError(
+            f"'{path}' {problem}; the output is damaged: set output.overwrite=true to start afresh, "
+            "or choose another output.path"
+        )
+    return data
+
+
+def _read_holder(fd: int) -> dict:
+    """Who holds the lock, from the lock file; {} when it is empty or garbage (its holder may be
+    between taking the lock and writing it)."""
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _iso(t: float) -> str:

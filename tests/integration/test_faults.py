@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -85,7 +86,7 @@ def test_crash_after_last_part_before_manifest(generate_job, tmp_path):
     first, out = generate_job(src, "output.rows_per_part=10")
     before = content(output_rows(out))
     os.remove(os.path.join(out, "manifest.json"))
-    with open(os.path.join(out, "parts", ".part-00009.parquet.tmp-deadbeef"), "wb") as f:
+    with open(os.path.join(out, "parts", f".part-00009.parquet.tmp-{uuid.uuid4().hex}"), "wb") as f:
         f.write(b"half a part")  # the part being written when the job was killed
     # Readers of the parts folder never see it: a half-written part is a hidden file.
     assert content(output_rows(out)) == before

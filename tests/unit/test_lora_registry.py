@@ -4,6 +4,8 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,12 +16,15 @@ from pipeline.lora_registry import (
     MANIFEST,
     AdapterError,
     AdapterExists,
+    AdapterIdCollision,
     AdapterNotFound,
     AdapterRegistry,
+    IncompleteAdapter,
     InvalidAdapterName,
     check_adapter_matches,
     lora_int_id,
     main,
+    validate_name,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -279,3 +284,243 @@ def test_colliding_lora_int_id_is_refused(tmp_path, monkeypatch):
         with reg.staging("second"):
             pytest.fail("refusal must come before the block runs")
     assert reg.names() == ["first"]
+
+
+# ---- names ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["bonjour\n", "bonjour\r\n", "\nbonjour"])
+def test_name_with_newline_rejected(tmp_path, bad):
+    with pytest.raises(InvalidAdapterName):
+        validate_name(bad)
+    reg = AdapterRegistry(tmp_path)
+    with pytest.raises(InvalidAdapterName):
+        with reg.staging(bad):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_list_ignores_folder_with_trailing_newline(tmp_path):
+    reg = AdapterRegistry(tmp_path)
+    (tmp_path / "bonjour\n").mkdir()
+    write_adapter_files(tmp_path / "bonjour\n")
+    add(reg, "bonjour")
+    assert reg.names() == ["bonjour"]
+
+
+# ---- stale staging folders -------------------------------------------------------------
+
+HOUR = 3600
+
+
+def make_staging(root: Path, owner=None, age_s: float = 0, name=".tmp-x-0123"):
+    """A staging folder as a run would leave it; `owner` is a dict, raw text, or None for
+    no owner file. `age_s` backdates the owner file and the folder."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / ADAPTER_CONFIG).write_text("{}")
+    if owner is not None:
+        (folder / ".staging-owner.json").write_text(owner if isinstance(owner, str) else json.dumps(owner))
+    if age_s:
+        then = time.time() - age_s
+        for p in [*folder.iterdir(), folder]:
+            os.utime(p, (then, then))
+    return folder
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_other_host_with_fresh_heartbeat_survives(tmp_path):
+    folder = make_staging(tmp_path, {"host": "gpu-node-7", "pid": os.getpid()}, age_s=60)
+    assert AdapterRegistry(tmp_path).clean_stale() == []
+    assert folder.is_dir()
+    add(AdapterRegistry(tmp_path), "bonjour")  # staging() cleans too, and must spare it
+    assert folder.is_dir()
+
+
+def test_other_host_with_old_heartbeat_is_removed(tmp_path):
+    folder = make_staging(tmp_path, {"host": "gpu-node-7", "pid": os.getpid()}, age_s=2 * HOUR)
+    assert AdapterRegistry(tmp_path).clean_stale() == [folder]
+    assert not folder.exists()
+
+
+def test_other_host_stale_age_is_configurable(tmp_path, monkeypatch):
+    import pipeline.lora_registry as registry_module
+
+    folder = make_staging(tmp_path, {"host": "gpu-node-7", "pid": 1}, age_s=60)
+    assert AdapterRegistry(tmp_path, stale_after_s=120).clean_stale() == []
+    monkeypatch.setattr(registry_module, "STALE_AFTER_S", 30)
+    assert AdapterRegistry(tmp_path).clean_stale() == [folder]
+
+
+def test_same_host_live_pid_survives_even_when_old(tmp_path):
+    import socket
+
+    folder = make_staging(tmp_path, {"host": socket.gethostname(), "pid": os.getpid()}, age_s=2 * HOUR)
+    assert AdapterRegistry(tmp_path).clean_stale() == []
+    assert folder.is_dir()
+
+
+def test_same_host_dead_pid_is_removed_at_once(tmp_path):
+    import socket
+
+    folder = make_staging(tmp_path, {"host": socket.gethostname(), "pid": dead_pid()})
+    assert AdapterRegistry(tmp_path).clean_stale() == [folder]
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("owner", [None, "{not json", json.dumps(["a"]), json.dumps({"pid": 5}),
+                                   json.dumps({"host": "", "pid": 5})])
+def test_unknown_owner_kept_while_young_removed_when_old(tmp_path, owner):
+    young = make_staging(tmp_path, owner, name=".tmp-young-1")
+    old = make_staging(tmp_path, owner, age_s=2 * HOUR, name=".tmp-old-1")
+    assert AdapterRegistry(tmp_path).clean_stale() == [old]
+    assert young.is_dir() and not old.exists()
+
+
+def test_unknown_owner_kept_when_only_owner_file_is_fresh(tmp_path):
+    folder = make_staging(tmp_path, "{partial", age_s=2 * HOUR)
+    os.utime(folder / ".staging-owner.json")
+    assert AdapterRegistry(tmp_path).clean_stale() == []
+
+
+def test_leftover_old_folder_from_overwrite_is_removed_once_stale(tmp_path):
+    young = make_staging(tmp_path, None, name=".tmp-bonjour-aaaa-old")
+    old = make_staging(tmp_path, None, age_s=2 * HOUR, name=".tmp-bonjour-bbbb-old")
+    assert AdapterRegistry(tmp_path).clean_stale() == [old]
+    assert young.is_dir()
+
+
+def heartbeat_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("lora-staging-heartbeat")]
+
+
+def test_heartbeat_refreshes_owner_file_and_stops_after_block(tmp_path):
+    reg = AdapterRegistry(tmp_path, heartbeat_s=0.05)
+    with reg.staging("bonjour") as tmp:
+        owner = tmp / ".staging-owner.json"
+        past = time.time() - 2 * HOUR
+        os.utime(owner, (past, past))
+        deadline = time.monotonic() + 5
+        while owner.stat().st_mtime < past + HOUR and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert owner.stat().st_mtime > time.time() - 60
+        assert len(heartbeat_threads()) == 1
+        write_adapter_files(tmp)
+    assert heartbeat_threads() == []
+    assert reg.names() == ["bonjour"]
+    assert not (tmp_path / "bonjour" / ".staging-owner.json").exists()
+    time.sleep(0.2)  # a stray beat would recreate the owner file in the published adapter
+    assert sorted(p.name for p in (tmp_path / "bonjour").iterdir()) == [
+        ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST]
+
+
+def test_heartbeat_stops_when_block_raises(tmp_path):
+    reg = AdapterRegistry(tmp_path, heartbeat_s=0.05)
+    with pytest.raises(RuntimeError):
+        with reg.staging("bonjour"):
+            assert len(heartbeat_threads()) == 1
+            raise RuntimeError("training diverged")
+    assert heartbeat_threads() == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_heartbeat_tolerates_vanished_folder(tmp_path):
+    import shutil
+
+    reg = AdapterRegistry(tmp_path, heartbeat_s=0.02)
+    with pytest.raises(AdapterError):
+        with reg.staging("bonjour") as tmp:
+            shutil.rmtree(tmp)  # e.g. removed by hand or by another node
+            time.sleep(0.1)
+    assert heartbeat_threads() == []
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- content hash -----------------------------------------------------------------------
+
+
+def test_content_hash_follows_config_and_weights_not_manifest(tmp_path):
+    reg = AdapterRegistry(tmp_path)
+    a = add(reg, "one")
+    b = add(reg, "two")  # identical files in another folder
+    h = a.content_hash
+    assert h.startswith("sha256:") and len(h) == len("sha256:") + 64
+    assert h == b.content_hash == a.fingerprint()
+
+    (b.path / MANIFEST).write_text(json.dumps({"adapter": "two", "created": "later"}))
+    assert b.content_hash == h
+
+    (b.path / ADAPTER_WEIGHTS).write_bytes(b"\1" + b"\0" * 15)
+    assert b.content_hash != h
+    assert reg.resolve("two").content_hash == b.content_hash  # read from disk, not cached
+
+    (b.path / ADAPTER_WEIGHTS).write_bytes(b"\0" * 16)
+    assert b.content_hash == h
+    (b.path / "adapter_model.bin").write_bytes(b"legacy")
+    assert b.content_hash != h
+
+    (b.path / "adapter_model.bin").unlink()
+    cfg = json.loads((b.path / ADAPTER_CONFIG).read_text())
+    (b.path / ADAPTER_CONFIG).write_text(json.dumps({**cfg, "r": 4}))
+    assert b.content_hash != h
+
+
+def test_content_hash_format_and_large_weights(tmp_path):
+    import hashlib
+
+    reg = AdapterRegistry(tmp_path)
+    a = add(reg, "big")
+    data = os.urandom(3 * (1 << 20) + 5)  # several read chunks
+    (a.path / ADAPTER_WEIGHTS).write_bytes(data)
+    expected = hashlib.sha256()
+    for name in [ADAPTER_CONFIG, ADAPTER_WEIGHTS]:
+        raw = (a.path / name).read_bytes()
+        expected.update(name.encode() + b"\0" + len(raw).to_bytes(8, "big") + raw)
+    assert a.content_hash == "sha256:" + expected.hexdigest()
+    (a.path / ADAPTER_WEIGHTS).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert a.content_hash != "sha256:" + expected.hexdigest()
+
+
+def test_content_hash_without_weights_is_incomplete(tmp_path):
+    reg = AdapterRegistry(tmp_path)
+    a = add(reg, "bonjour")
+    (a.path / ADAPTER_WEIGHTS).unlink()
+    with pytest.raises(IncompleteAdapter) as e:
+        a.content_hash
+    assert e.value.code == "incomplete"
+
+
+# ---- stable error codes -----------------------------------------------------------------
+
+
+def test_error_codes(tmp_path, monkeypatch):
+    import pipeline.lora_registry as registry_module
+
+    assert AdapterError.code == "adapter_error"
+    reg = AdapterRegistry(tmp_path)
+    codes = {}
+    add(reg, "first")
+    for call in [lambda: reg.resolve("nope"), lambda: reg.resolve("bad\n"),
+                 lambda: reg.check_can_write("first")]:
+        with pytest.raises(AdapterError) as e:
+            call()
+        codes[type(e.value)] = e.value.code
+    assert codes == {AdapterNotFound: "not_found", InvalidAdapterName: "invalid_name",
+                     AdapterExists: "exists"}
+
+    with pytest.raises(IncompleteAdapter) as e:
+        with reg.staging("no-manifest") as tmp:
+            write_adapter_files(tmp, manifest=False)
+    assert e.value.code == "incomplete"
+
+    monkeypatch.setattr(registry_module, "lora_int_id", lambda name: 7)
+    with pytest.raises(AdapterIdCollision) as e:
+        reg.check_can_write("second")
+    assert e.value.code == "id_collision"
+    assert len({c.code for c in [AdapterError, AdapterNotFound, AdapterExists, InvalidAdapterName,
+                                 AdapterIdCollision, IncompleteAdapter]}) == 6

@@ -57,7 +57,6 @@ def test_exactly_one_mode():
         ("max_tokens", "many", 'max_tokens: must be of type integer (got "many")'),
         ("stream", "yes", 'stream: must be of type boolean (got "yes")'),
         ("lora", 3, "lora: must be of type string (got 3)"),
-        ("lora", " ", "lora: must name an adapter (got an empty string); leave it null for the base model"),
     ],
 )
 @pytest.mark.parametrize("mode", ["prompt", "messages"])
@@ -136,3 +135,34 @@ def test_decode_nested_drops_arrow_nulls_and_maps():
     assert decode_nested([{"role": "user", "content": "x", "name": None}]) == [{"role": "user", "content": "x"}]
     assert decode_nested([("a", 1), ("b", None)]) == {"a": 1}
     assert decode_nested(b'[{"role": "user", "content": "x"}]') == [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\t"])
+def test_blank_lora_means_the_base_model(blank):
+    # pandas writes missing strings as "" after fillna(""): the schema accepts it, and it names no adapter.
+    assert parse_request({"prompt": "hi", "lora": blank}).lora is None
+    assert parse_request({"messages": [{"role": "user", "content": "hi"}], "lora": blank}).lora is None
+
+
+@pytest.mark.parametrize("field", ["messages", "tools", "response_format"])
+def test_deep_json_text_is_a_problem_not_a_crash(field):
+    deep = "[" * 5000 + "]" * 5000
+    fields = {"messages": [{"role": "user", "content": "hi"}], field: deep}
+    assert any(p.startswith(f"{field}: nested more than") for p in problems(fields))
+
+
+def test_deep_arrow_cells_and_tool_parameters_are_problems():
+    nested = {}
+    for _ in range(3000):
+        nested = {"type": "object", "properties": {"x": nested}}
+    tool = {"name": "f", "description": "d", "parameters": nested}
+    assert problems({"messages": [{"role": "user", "content": "hi"}], "tools": [tool]})
+
+
+def test_lone_surrogates_and_invalid_utf8_are_problems():
+    text = '[{"role": "user", "content": "a\\ud800b"}]'
+    assert problems({"messages": text}) == [
+        "messages[0].content: holds \\ud800 at character 1, a lone surrogate that is not valid Unicode"
+    ]
+    assert problems({"messages": b"[\xff]"}) == ["messages: not valid UTF-8 text (byte 0xff at position 1)"]
+    assert problems({"prompt": "a\udfffb"})[0].startswith("prompt: holds \\udfff")
