@@ -10,7 +10,7 @@ purpose, identically on every backend (the table is in docs/sampling.md):
 | top_p              | 0..2                       | (0, 1]                | above 1 -> 1 (keep every token); 0 -> top_k=1  |
 | top_k              | 1..50                      | -1 or >= 1            | as given                                       |
 | seed               | 1..9,999,999,999           | any int; CPU: 32 bits | low 32 bits, on every backend                  |
-| repetition_penalty | 0..2                       | > 0                   | below 0.01 -> 0.01                             |
+| repetition_penalty | 0..2                       | > 0                   | 0 -> 1 (no penalty); else below 0.01 -> 0.01   |
 | frequency_penalty  | 0..2                       | -2..2                 | as given                                       |
 | presence_penalty   | 0..2                       | -2..2                 | as given                                       |
 
@@ -67,7 +67,10 @@ def sampling_kwargs(request: Request, seed: int, *, ignore_eos: bool = False) ->
     if request.top_k is not None and "top_k" not in kwargs:
         kwargs["top_k"] = request.top_k
     if request.repetition_penalty is not None:
-        kwargs["repetition_penalty"] = max(request.repetition_penalty, MIN_REPETITION_PENALTY)
+        # 0 is how a row says "no penalty" for the other two penalties; for this one vLLM's
+        # neutral value is 1, and values below 1 reward repetition (0.01: a hundredfold).
+        penalty = request.repetition_penalty
+        kwargs["repetition_penalty"] = 1.0 if penalty == 0 else max(penalty, MIN_REPETITION_PENALTY)
     if request.frequency_penalty is not None:
         kwargs["frequency_penalty"] = request.frequency_penalty
     if request.presence_penalty is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from hypothesis import strategies as st
 
 text = st.text(min_size=0, max_size=40)
@@ -64,7 +65,10 @@ def to_table(rows: list[dict]) -> pa.Table:
         values = [r.get(name) for r in rows]
         try:
             columns[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            # Parquet cannot hold every Arrow type (a struct with no fields): such a column is
+            # written as JSON text, as a user's writer would have to.
+            pq.write_table(pa.table({name: columns[name]}), pa.BufferOutputStream())
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
             columns[name] = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
     if not names:
         columns["prompt"] = pa.nulls(len(rows), pa.string())

@@ -23,11 +23,15 @@ def _has_cuda() -> bool:
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _has_cuda(), reason="needs an NVIDIA GPU")]
 
 
-def test_job_on_gpu_is_reproducible(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("batch_invariant", ["false", "true"])
+def test_job_on_gpu_is_reproducible(tiny_model_dir, tmp_path, batch_invariant):
+    """Batch sizes 64 and 7 give the same rows; with engine.batch_invariant=true vLLM's
+    batch-invariant kernels guarantee it rather than the tiny float model's luck."""
     import pyarrow.parquet as pq
 
     outputs = []
     for name, extra in (("a", ["workers=1", "batch_size=64"]), ("b", ["workers=1", "batch_size=7"])):
+        extra = [*extra, f"engine.batch_invariant={batch_invariant}"]
         out = tmp_path / name
         proc = subprocess.run(
             [sys.executable, "-m", "jobs.generate", "model=tiny", f"model.path={tiny_model_dir}", "device=gpu",

