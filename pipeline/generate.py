@@ -123,9 +123,12 @@ def _stop(out: OutputDir, exc: Exception) -> None:
     except Exception:  # the disk may be what failed; the committed parts are whole either way
         log.exception("the last answered rows could not be committed")
     failure = find_failure(exc)
-    if failure is None:
+    if failure is not None:
+        reason = failure.args[0] if failure.args else str(failure)
+    elif isinstance(exc, OSError):  # the output's storage: full, read-only, permission denied
+        reason = f"writing the output to {out.path} failed: {exc}"
+    else:
         raise exc
-    reason = failure.args[0] if failure.args else str(failure)
     raise JobFailure(f"{reason}\nThe rows committed so far are kept: rerun the same command to resume.") from exc
 
 

@@ -132,6 +132,7 @@ class OutputDir:
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._lock_fd: int | None = None
+        self._next: int | None = None  # the next part index, once known
 
     def __enter__(self) -> OutputDir:
         return self
@@ -379,10 +380,13 @@ class OutputDir:
         self._pending, self._pending_rows = [], 0
 
     def _next_index(self) -> int:
-        """One past the highest part index known, in this run's parts or on disk."""
-        names = [os.path.basename(p["file"]) for p in self.parts if isinstance(p.get("file"), str)]
-        indices = [_part_index(n) for n in names + self._part_names() if _PART.match(n)]
-        return 1 + max(indices, default=-1)
+        """One past the highest part index known, in this run's parts or on disk. The folder
+        is listed once per run: with the lock held, no one else adds parts."""
+        if self._next is None:
+            names = [os.path.basename(p["file"]) for p in self.parts if isinstance(p.get("file"), str)]
+            indices = [_part_index(n) for n in names + self._part_names() if _PART.match(n)]
+            self._next = 1 + max(indices, default=-1)
+        return self._next
 
     def _commit_part(self, table: pa.Table) -> str:
         """Write `table` as the next part; return its name relative to the folder."""
@@ -395,6 +399,7 @@ class OutputDir:
                 os.fsync(f.fileno())
             while not _publish_new(tmp, os.path.join(parts_dir, _part_name(index))):
                 index += 1  # the name is taken: a part is never written over
+            self._next = index + 1
         finally:
             if os.path.lexists(tmp):
                 os.remove(tmp)

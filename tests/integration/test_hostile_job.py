@@ -13,10 +13,11 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 pytestmark = pytest.mark.integration
+NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)
 
 COMPARED = ("response", "tool_calls", "prompt_tokens", "completion_tokens", "finish_reason", "error", "seed",
             "tool_parse")
@@ -153,7 +154,9 @@ def by_id(out):
     return {r["id"]: r for r in pq.read_table(os.path.join(out, "parts")).to_pylist()}
 
 
-@settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck))
+# Each example runs real jobs: a failure is reported as found, not shrunk over dozens of reruns.
+@settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck),
+          phases=NO_SHRINK)
 @given(data=datasets())
 def test_hostile_rows_never_stop_the_job_nor_change_valid_rows(generate_job, tmp_path_factory, data):
     text_valid, typed_valid, hostile_order = data
@@ -182,7 +185,7 @@ def test_hostile_rows_never_stop_the_job_nor_change_valid_rows(generate_job, tmp
     assert errors[index[b"\xff\xfe not UTF-8"]].startswith("unreadable input: column 'prompt': not valid UTF-8")
     assert "nested more than 100 levels deep" in errors["h1"]
     assert "lone surrogate" in errors["h2"]
-    assert "cannot fit the model's context" in errors["h3"] or errors["h3"].startswith("prompt: ")
+    assert errors["h3"].startswith(("invalid request: ", "prompt: "))  # longer than the schema or the context allow
     assert errors[index[b"blank adapter means the base model"]] == ""
     assert errors[index[b"unknown adapter"]].startswith("lora: ")
     assert errors["t-map"] == "" and rows["t-map"]["response"] is not None

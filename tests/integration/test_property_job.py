@@ -7,7 +7,7 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from pipeline.planning import FIELD_KINDS, InputError, request_column_problem
@@ -15,9 +15,12 @@ from pipeline.schema import RequestError, parse_request
 from tests.strategies import request_rows, to_table
 
 pytestmark = pytest.mark.integration
+NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)
 
 
-@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
+# Each example runs real jobs: a failure is reported as found, not shrunk over dozens of reruns.
+@settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck),
+          phases=NO_SHRINK)
 @given(rows=st.lists(request_rows(), min_size=40, max_size=120))
 def test_job_survives_any_requests(generate_job, tmp_path_factory, rows):
     folder = tmp_path_factory.mktemp("prop")

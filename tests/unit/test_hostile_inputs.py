@@ -266,3 +266,18 @@ def test_a_huge_row_group_is_split_into_shards(tmp_path):
     plan = plan_shards(str(path), rows_per_shard=300)
     assert [(s.first_row, s.num_rows, s.skip_rows) for s in plan.shards] == [(0, 300, 0), (300, 300, 300),
                                                                               (600, 300, 600), (900, 100, 900)]
+
+
+def test_an_input_file_gone_after_planning_stops_the_job_not_its_rows(tmp_path):
+    from pipeline.errors import JobFailure, find_failure
+    from pipeline.generate import _read_shard
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), path)
+    shard = plan_shards(str(path)).shards[0]
+    os.remove(path)
+    with pytest.raises(JobFailure, match=f"input file {path} can no longer be read as planned") as info:
+        _read_shard(shard, None, (), {}, frozenset())
+    wrapped = RuntimeError("task failed")
+    wrapped.__cause__ = info.value
+    assert find_failure(wrapped) is info.value  # found behind Ray's wrapping

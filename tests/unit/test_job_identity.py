@@ -158,3 +158,21 @@ def test_secrets_in_ray_env_are_never_logged_or_written():
     shown = json.dumps(redacted(s))
     assert "hf_secret_value" not in shown and '"HF_TOKEN": "<redacted>"' in shown
     assert s["ray"]["env"]["HF_TOKEN"] == "hf_secret_value"  # the workers still get it
+
+
+def test_a_hub_model_is_identified_by_the_commit_its_revision_resolves_to(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf
+
+    from pipeline.model_files import ModelFileNotFound, model_identity
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    refs = tmp_path / "models--org--model" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(commit + "\n")
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    assert model_identity("org/model") == {"kind": "hub", "id": "org/model", "commit": commit}
+    pinned = "f" * 40
+    assert model_identity("org/model", pinned)["commit"] == pinned  # a commit needs no lookup
+    with pytest.raises(ModelFileNotFound, match="revision 'v2' is not in the Hugging Face cache and HF_HUB_OFFLINE"):
+        model_identity("org/model", "v2")
