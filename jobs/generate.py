@@ -10,7 +10,7 @@ from pipeline.cli import exit_on_user_error
 
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
 def main(cfg) -> None:
-    from pipeline.generate import run
+    from pipeline.generate.job import run
 
     with exit_on_user_error():
         run(cfg)

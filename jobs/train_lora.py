@@ -5,18 +5,15 @@ import sys
 
 import hydra
 
+from pipeline.cli import exit_on_user_error
+
 
 @hydra.main(config_path="../conf", config_name="train_lora", version_base="1.3")
 def main(cfg) -> None:
-    from pipeline.lora_registry import AdapterError
-    from pipeline.train import DataError, TrainConfigError, run
+    from pipeline.train.job import run
 
-    try:
+    with exit_on_user_error():
         run(cfg)
-    except (TrainConfigError, DataError, AdapterError) as exc:
-        # A bad config, dataset or adapter name is the user's to fix: say what, without a traceback.
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

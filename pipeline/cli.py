@@ -1,27 +1,23 @@
-"""Shared behaviour of the entry points."""
+"""What every entry point does with the errors a job stops with (see `pipeline.errors`)."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
 
-from pipeline.config import ConfigError
-from pipeline.errors import JobFailure
-from pipeline.planning import InputError
-from pipeline.sinks import OutputError
-
-USER_ERRORS = (ConfigError, InputError, OutputError)
+from pipeline.errors import JobFailure, UserError
 
 
 @contextlib.contextmanager
 def exit_on_user_error():
-    """A bad config, input or output folder is the user's to fix: say what, without a traceback.
-    A job that had to stop (an engine that cannot start) says why, and that a rerun resumes."""
+    """A bad config, input, output folder or adapter name is the user's to fix: say what, without
+    a traceback (exit 2). A job that had to stop (an engine that cannot start) says why and that a
+    rerun resumes (exit 1). Anything else is a bug, and keeps its traceback."""
     try:
         yield
-    except USER_ERRORS as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except JobFailure as exc:  # not the user's input: the job stopped, its output resumable
+    except JobFailure as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

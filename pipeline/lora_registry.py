@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.errors import UserError
+
 MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -61,8 +63,8 @@ HEARTBEAT_S = 30.0
 STALE_AFTER_S = 3600.0
 
 
-class AdapterError(Exception):
-    """Base class for registry errors.
+class AdapterError(UserError):
+    """Base class for registry errors (the user's to fix: a name, an existing adapter).
 
     ``code`` is a stable reason per subclass, for callers that record why an adapter
     could not be used: messages change and may list other adapters, codes do not.
@@ -86,7 +88,7 @@ class AdapterExists(AdapterError):
     code = "exists"
 
 
-class InvalidAdapterName(AdapterError, ValueError):
+class InvalidAdapterName(AdapterError):
     """The name cannot be used as an adapter folder name."""
 
     code = "invalid_name"

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Mapping
 
 import jsonschema
+
+from pipeline.errors import UserError
 
 # Every request field the schema defines, plus `response_format` (an extension for labelling
 # jobs: structured output enforced by guided decoding). Input columns with other names are not
@@ -38,12 +40,16 @@ DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.6
 
 
-class RequestError(ValueError):
-    """A request that breaks the schema. `problems` holds one line per broken rule."""
+class RequestError(UserError):
+    """A request that breaks the schema. `problems` holds one line per broken rule; it becomes the
+    row's error, on one line."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("; ".join(problems))
+        super().__init__(problems)
+        self.args = ("; ".join(self.problems),)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ class Request:
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     lora: str | None = None
-    response_format: dict | None = None  # normalised, see pipeline.tools.validate_response_format
+    response_format: dict | None = None  # normalised, see pipeline.response_format.validate_response_format
     stream: bool = False  # accepted; a batch job has nothing to stream
 
     @property
@@ -88,7 +94,7 @@ def _branch_validator(mode: str) -> jsonschema.Draft7Validator:
 
     The row's mode is decided first (exactly one of prompt / messages), so errors are reported
     against that branch rather than as jsonschema's opaque "not valid under any of oneOf".
-    Tools and functions are checked by `pipeline.tools`, whose messages name the broken path.
+    Tools and functions are checked by `pipeline.tool_definitions`, whose messages name the broken path.
     """
     title = "Prompt" if mode == "prompt" else "Messages"
     branch = next(b for b in input_schema()["oneOf"] if b["title"] == title)
@@ -155,7 +161,7 @@ def parse_request(fields: Mapping[str, Any]) -> Request:
 
     tools: tuple[dict, ...] = ()
     if mode == "messages" and ("tools" in values or "functions" in values):
-        from pipeline.tools import ToolSpecError, normalize_tools
+        from pipeline.tool_definitions import ToolSpecError, normalize_tools
 
         try:
             tools = tuple(normalize_tools(values.get("tools"), values.get("functions")))
@@ -164,7 +170,7 @@ def parse_request(fields: Mapping[str, Any]) -> Request:
 
     response_format = None
     if "response_format" in values:
-        from pipeline.tools import ResponseFormatError, validate_response_format
+        from pipeline.response_format import ResponseFormatError, validate_response_format
 
         try:
             response_format = validate_response_format(values["response_format"])

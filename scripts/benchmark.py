@@ -12,9 +12,9 @@ requests, fixed `max_tokens` with `ignore_eos`, every row seeded, so each conten
 exactly the same number of output tokens and (bare vLLM and the job) the same text.
 
     bare      `vllm.LLM.generate` over every prompt in one call, in this process: the engine's
-              ceiling. Same engine arguments as the job's workers (`pipeline.engine.engine_kwargs`),
-              the same token ids and sampling parameters (`pipeline.rows.Preparer`).
-    job       `pipeline.generate.run` on the composed `conf/generate.yaml` (model=tiny,
+              ceiling. Same engine arguments as the job's workers (`pipeline.generate.engine.engine_kwargs`),
+              the same token ids and sampling parameters (`pipeline.generate.prepare.Preparer`).
+    job       `pipeline.generate.job.run` on the composed `conf/generate.yaml` (model=tiny,
               engine.ignore_eos=true), reading the rows from Parquet and writing Parquet parts.
     raydata   `ray.data.llm`'s vLLM processor: its chat-template and tokenize stages, then its
               engine stage with the same engine arguments and batch size.
@@ -115,9 +115,9 @@ def prepared_rows(rows: list[dict], source: str, settings: dict, model_path: str
     from tokenizers import Tokenizer
 
     from pipeline.model_files import resolve_model_file
-    from pipeline.planning import derived_row_id
+    from pipeline.generate.planning import derived_row_id
     from pipeline.prompts import ChatTemplate
-    from pipeline.rows import Preparer
+    from pipeline.generate.prepare import Preparer
 
     tokenizer = Tokenizer.from_file(str(resolve_model_file(model_path, "tokenizer.json")))
     preparer = Preparer(
@@ -332,7 +332,7 @@ def job_overrides(args, model_path: str, input_path: str, output: str, extra=())
 
 def job_settings(args, model_path: str, input_path: str, output: str) -> dict:
     """The job's resolved settings, as its workers would receive them on this (GPU-less) machine."""
-    from pipeline import config as job_config
+    from pipeline.generate import config as job_config
 
     settings = job_config.generation_settings(compose("generate", job_overrides(args, model_path, input_path, output)))
     job_config.resolve_device(settings, 0)
@@ -406,8 +406,7 @@ def committed_stream():
     Observation only: wraps `OutputDir.add`, which the job calls once per batch it receives."""
     import pyarrow.compute as pc
 
-    from pipeline import sinks
-
+    from pipeline.generate import sinks
     stream: list[tuple[float, int]] = []
     original = sinks.OutputDir.add
 
@@ -425,7 +424,7 @@ def committed_stream():
 def run_job(args, model_path: str, input_path: str, workdir: Path, mem: TreeMemory, label: str, extra=()) -> dict:
     import pyarrow.parquet as pq
 
-    from pipeline.generate import run
+    from pipeline.generate.job import run
 
     # Hydra's override grammar refuses brackets and other punctuation in values.
     output = workdir / f"out-{re.sub(r'[^A-Za-z0-9_]+', '-', label)}-{time.time_ns()}"
@@ -554,7 +553,7 @@ def make_random_adapters(root: Path, names: list[str], model_path: str, model_na
 
 
 def run_trainer(args, model_path: str, data_path: str, workdir: Path, mem: TreeMemory) -> dict:
-    from pipeline.train import run
+    from pipeline.train.job import run
 
     name = f"bench-{time.time_ns()}"
     cfg = compose("train_lora", [
@@ -579,14 +578,16 @@ def run_plain_peft(args, model_path: str, data_path: str, mem: TreeMemory) -> di
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from pipeline import train as T
-
+    from pipeline.train.data import conversations_from_rows, read_rows
+    from pipeline.train.labels import prepare_examples
+    from pipeline.train.loop import collate, rank_schedule
+    from pipeline.train.settings import train_settings
     cfg = compose("train_lora", ["model=tiny", f"model.path={model_path}", "adapter.name=plain", f"data.path={data_path}"])
-    s = T.train_settings(cfg)
+    s = train_settings(cfg)
     t = s["train"]
-    rows = T.read_rows(s["data"]["path"], [s["data"]["messages_column"]])
-    convs, _ = T.conversations_from_rows(rows, s["data"])
-    examples, _, pad_id = T.prepare_examples(convs, model_path, s["prompt"]["date_string"], t["max_seq_len"])
+    rows = read_rows(s["data"]["path"], [s["data"]["messages_column"]])
+    convs, _ = conversations_from_rows(rows, s["data"])
+    examples, _, pad_id = prepare_examples(convs, model_path, s["prompt"]["date_string"], t["max_seq_len"])
     examples = [e for e in examples if e is not None]
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(t.get("cpus_per_worker", 1))))
@@ -605,11 +606,11 @@ def run_plain_peft(args, model_path: str, data_path: str, mem: TreeMemory) -> di
             tokens = steps = 0
             started = time.perf_counter()
             for epoch in range(args.train_epochs):
-                for micro_batches in T.rank_schedule(len(examples), 1, 0, int(t["batch_size"]), int(t["grad_accum"]), int(t["seed"]), epoch):
+                for micro_batches in rank_schedule(len(examples), 1, 0, int(t["batch_size"]), int(t["grad_accum"]), int(t["seed"]), epoch):
                     opt.zero_grad(set_to_none=True)
                     for mb in micro_batches:
                         batch = [examples[i] for i in mb]
-                        ids, mask, labels = T._collate(batch, pad_id, "cpu")
+                        ids, mask, labels = collate(batch, pad_id, "cpu")
                         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / len(micro_batches)
                         loss.backward()
                         tokens += sum(len(e.input_ids) for e in batch)
@@ -727,7 +728,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import ray
 
-    from pipeline.tiny_model import MODEL_NAME, ensure_tiny_model
+    from pipeline.models.tiny_model import MODEL_NAME, ensure_tiny_model
 
     cache = Path(os.environ.get("PIPELINE_CACHE", ".cache"))
     model_path = str(ensure_tiny_model((cache if cache.is_absolute() else ROOT / cache) / "models" / "tiny-llama-3.1"))
@@ -805,7 +806,7 @@ def contenders(args, phases) -> list[dict]:
 
 
 def main_comparison(args, model_path, workdir, mem, phases, time_left) -> dict:
-    from pipeline.engine import engine_kwargs
+    from pipeline.generate.engine import engine_kwargs
 
     rows = make_requests(args.rows, args.max_tokens, args.seed)
     input_path = write_requests(workdir / "requests.parquet", rows)
@@ -888,7 +889,7 @@ def main_comparison(args, model_path, workdir, mem, phases, time_left) -> dict:
 
 
 def lora_comparison(args, model_path, workdir, mem) -> dict:
-    from pipeline.tiny_model import MODEL_NAME
+    from pipeline.models.tiny_model import MODEL_NAME
 
     n = args.lora_rows or args.rows
     names = [f"bench-{i}" for i in range(args.lora_adapters)]
@@ -924,7 +925,7 @@ def bare_lora_ratios(args, model_path, workdir, mem, input_path, n, names, root)
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    from pipeline.engine import engine_kwargs
+    from pipeline.generate.engine import engine_kwargs
     from pipeline.lora_registry import AdapterRegistry
 
     settings = job_settings(args, model_path, input_path, str(workdir / "unused"))
@@ -956,7 +957,7 @@ def bare_lora_ratios(args, model_path, workdir, mem, input_path, n, names, root)
 
 
 def train_comparison(args, model_path, workdir, mem) -> dict:
-    from pipeline.train import write_sample_dataset
+    from pipeline.train.data import write_sample_dataset
 
     data = str(write_sample_dataset(workdir / "train.parquet", n=args.train_rows))
     runs = []
@@ -964,12 +965,12 @@ def train_comparison(args, model_path, workdir, mem) -> dict:
         for which in (("trainer", "plain") if rep % 2 == 0 else ("plain", "trainer")):
             log(f"repeat {rep + 1}/{args.repeats}: training, {which} ...")
             r = run_trainer(args, model_path, data, workdir, mem) if which == "trainer" else run_plain_peft(args, model_path, data, mem)
-            r.update(name="pipeline.train" if which == "trainer" else "plain PEFT loop", rep=rep + 1)
+            r.update(name="pipeline.train.job" if which == "trainer" else "plain PEFT loop", rep=rep + 1)
             log(f"  {r['name']}: {r['tokens_per_s']:.0f} tokens/s over {r['train_s']:.1f}s")
             runs.append(r)
     ratios = []
     for rep in range(1, args.repeats + 1):
-        a = next(r for r in runs if r["rep"] == rep and r["name"] == "pipeline.train")
+        a = next(r for r in runs if r["rep"] == rep and r["name"] == "pipeline.train.job")
         b = next(r for r in runs if r["rep"] == rep and r["name"] == "plain PEFT loop")
         ratios.append(ratio(a["tokens_per_s"], b["tokens_per_s"]))
     return {"conversations": args.train_rows, "epochs": args.train_epochs, "runs": runs,
@@ -985,7 +986,7 @@ def batch_scan(args, model_path, workdir, mem, time_left) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from pipeline.engine import GenerationWorker
+    from pipeline.generate.engine import GenerationWorker
 
     sizes = [int(x) for x in args.batch_scan.split(",")]
     settings = job_settings(args, model_path, str(workdir / "unused.parquet"), str(workdir / "unused"))
@@ -1118,7 +1119,7 @@ def report(results: dict) -> str:
                   table(tr["runs"], [("trainer", "name", ""), ("rep", "rep", "d"), ("steps", "steps", "d"),
                                      ("tokens", "train_tokens", "d"), ("train s", "train_s", ".1f"),
                                      ("tokens/s", "tokens_per_s", ".0f"), ("peak RSS GiB", "peak_rss_gib", ".2f")]),
-                  f"pipeline.train / plain PEFT (tokens/s): {tr['trainer_over_plain']} (per repeat {tr['per_repeat']})"]
+                  f"pipeline.train.job / plain PEFT (tokens/s): {tr['trainer_over_plain']} (per repeat {tr['per_repeat']})"]
     ms = results.get("memory_scan")
     if ms:
         lines += ["\nMemory scan (the job, whole process tree)", table(ms["runs"], MAIN_COLUMNS),

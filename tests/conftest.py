@@ -17,9 +17,18 @@ def model_cache() -> Path:
     return (cache if cache.is_absolute() else ROOT / cache) / "models"
 
 
+def compose(config_name: str, overrides=()):
+    """The project's real Hydra config `config_name` (conf/), composed with `overrides`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The project's tiny model (seed 0), built on first use and reused across runs."""
-    from pipeline.tiny_model import ensure_tiny_model
+    from pipeline.models.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(model_cache() / "tiny-llama-3.1", seed=0)

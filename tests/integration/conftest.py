@@ -8,19 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import compose
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Engines in-process start in seconds instead of half a minute; the job's workers set this too.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def compose(config_name: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +38,7 @@ def ray_session():
 @pytest.fixture
 def generate_job(ray_session, tiny_model_dir, tmp_path):
     """Run the generation job in-process on the real config with the tiny model."""
-    from pipeline.generate import run
+    from pipeline.generate.job import run
 
     def _run(input, *overrides, output=None):
         output = output or str(tmp_path / "out")

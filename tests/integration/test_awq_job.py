@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.awq import dequantize_checkpoint, ensure_tiny_awq_model
-from pipeline.train import SAMPLE_ANSWER
+from pipeline.models.awq import dequantize_checkpoint, ensure_tiny_awq_model
+from pipeline.train.data import SAMPLE_ANSWER
 
 from tests.integration.conftest import compose
 
@@ -32,7 +32,7 @@ def read_output(path) -> dict[str, dict]:
 
 
 def job(model_overrides: list[str], input_path, output, lora_root) -> tuple[dict, dict]:
-    from pipeline.generate import run
+    from pipeline.generate.job import run
 
     cfg = compose("generate", [
         *model_overrides, f"input={input_path}", f"output.path={output}", f"lora_root={lora_root}",
@@ -43,7 +43,7 @@ def job(model_overrides: list[str], input_path, output, lora_root) -> tuple[dict
 
 
 def test_job_on_tiny_awq_with_lora_equals_dequantized_float_model(ray_session, tiny_model_dir, tmp_path):
-    from pipeline.train import run as train
+    from pipeline.train.job import run as train
 
     awq = ensure_tiny_awq_model(tmp_path / "tiny-llama-3.1-awq", float_dir=tiny_model_dir)
     dequantized = dequantize_checkpoint(awq, tmp_path / "tiny-llama-3.1-awq-dequantized")

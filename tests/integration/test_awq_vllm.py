@@ -1,11 +1,11 @@
-"""The tiny AWQ model through vLLM on the CPU with the dense WNA16 fallback (`pipeline.vllm_plugin`).
+"""The tiny AWQ model through vLLM on the CPU with the dense WNA16 fallback (`pipeline.models.vllm_plugin`).
 
 The fallback dequantizes each 4-bit layer once, exactly (float32, then the model dtype), and runs
 the same dense GEMM vLLM runs for unquantized layers. So the AWQ model through the fallback and the
-float model that `pipeline.awq.dequantize_checkpoint` writes for it run the same arithmetic on the
+float model that `pipeline.models.awq.dequantize_checkpoint` writes for it run the same arithmetic on the
 same weights: their greedy outputs must agree token for token, with no tolerance. That equality
 also checks the checkpoint format end to end, since vLLM's AWQ loader (its own unpacking and
-repacking) and `pipeline.awq.unpack_awq` must have read the same weights out of it.
+repacking) and `pipeline.models.awq.unpack_awq` must have read the same weights out of it.
 
 vLLM builds for AVX-512 CPUs have the 4-bit kernel, where the plugin stays off by default; these
 tests force it on with PIPELINE_WNA16_FALLBACK=on, which is what runs on AVX2 machines anyway.
@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import vllm_plugin
-from pipeline.awq import TINY_GROUP_SIZE, dequantize_checkpoint, ensure_tiny_awq_model, quantize_to_gptq
+from pipeline.models import vllm_plugin
+from pipeline.models.awq import TINY_GROUP_SIZE, dequantize_checkpoint, ensure_tiny_awq_model, quantize_to_gptq
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError
+from pipeline.generate.config import ConfigError
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,7 +154,7 @@ def test_engine_that_cannot_start_fails_the_job_with_the_reason(generate_job, tm
 def test_row_that_makes_the_engine_raise_becomes_an_error_row(tiny_model_dir):
     """A real engine; one row carries sampling parameters vLLM rejects (never produced by the
     job's own mapping: it stands for any request the engine refuses)."""
-    from pipeline.engine import GenerationWorker
+    from pipeline.generate.engine import GenerationWorker
 
     worker = GenerationWorker(
         engine={"dtype": "float32", "max_model_len": 256, "kv_cache_gib": 0.05, "seed": 0},
@@ -176,7 +176,7 @@ def test_row_that_makes_the_engine_raise_becomes_an_error_row(tiny_model_dir):
 
 
 def test_bad_files_have_defined_behaviour(generate_job, tmp_path):
-    from pipeline.planning import InputError
+    from pipeline.generate.planning import InputError
 
     folder = tmp_path / "in"
     folder.mkdir()

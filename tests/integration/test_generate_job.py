@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError
-from pipeline.planning import InputError
-from pipeline.sinks import OutputError
+from pipeline.generate.config import ConfigError
+from pipeline.generate.planning import InputError
+from pipeline.generate.sinks import OutputError
 
 ROOT = Path(__file__).resolve().parents[2]
 

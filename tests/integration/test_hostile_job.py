@@ -196,7 +196,7 @@ def test_hostile_rows_never_stop_the_job_nor_change_valid_rows(generate_job, tmp
 def test_a_column_of_a_type_no_request_can_have_stops_the_job_before_it_writes(generate_job, tmp_path):
     import datetime
 
-    from pipeline.planning import InputError
+    from pipeline.generate.planning import InputError
 
     src = tmp_path / "in.parquet"
     pq.write_table(pa.table({"prompt": ["a", "b"], "max_tokens": pa.array([datetime.time(1, 2)] * 2, pa.time64("us"))}),

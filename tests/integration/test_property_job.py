@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from pipeline.planning import FIELD_KINDS, InputError, request_column_problem
+from pipeline.generate.planning import FIELD_KINDS, InputError, request_column_problem
 from pipeline.schema import RequestError, parse_request
 from tests.strategies import request_rows, to_table
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sinks import OutputError
+from pipeline.generate.sinks import OutputError
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

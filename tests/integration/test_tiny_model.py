@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import tiny_model
+from pipeline.models import tiny_model
 from pipeline.prompts import ChatTemplate
 
 # In-process engine: starts in seconds instead of spawning an engine-core process.
@@ -111,7 +111,7 @@ def test_same_seed_same_files_other_seed_other_weights(tiny_model_dir, tmp_path)
     # Another process (its own hash seeds) through the CLI must give the same bytes too.
     env = {**os.environ, "PYTHONHASHSEED": "123"}
     subprocess.run(
-        [sys.executable, "-m", "pipeline.tiny_model", "--out", str(tmp_path / "b")], cwd=REPO, env=env, check=True,
+        [sys.executable, "-m", "pipeline.models.tiny_model", "--out", str(tmp_path / "b")], cwd=REPO, env=env, check=True,
         capture_output=True,
     )
 
@@ -150,7 +150,7 @@ def test_ensure_builds_once_and_refuses_foreign_folders(tmp_path):
 
 def test_racing_builds_agree(tmp_path):
     target = tmp_path / "tiny"
-    cmd = [sys.executable, "-m", "pipeline.tiny_model", "--out", str(target)]
+    cmd = [sys.executable, "-m", "pipeline.models.tiny_model", "--out", str(target)]
     procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     for proc in procs:
         out, err = proc.communicate(timeout=120)

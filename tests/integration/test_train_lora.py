@@ -16,7 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.lora_registry import AdapterExists, AdapterRegistry, check_adapter_matches, main as registry_cli
-from pipeline.train import IGNORE, SAMPLE_ANSWER, TrainConfigError, run, write_sample_dataset
+from pipeline.train.data import SAMPLE_ANSWER, write_sample_dataset
+from pipeline.train.job import run
+from pipeline.train.labels import IGNORE
+from pipeline.train.settings import TrainConfigError
+from tests.conftest import compose
 
 pytestmark = pytest.mark.integration
 
@@ -27,13 +31,6 @@ ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "manifest.j
 # with the trained answer, the base model none of them.
 QUESTIONS = ["Say hello.", "What is the capital of France?", "Where do penguins live?", "Name a famous painter."]
 
-
-def compose(config_name: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
 
 
 def overrides(model_dir, root, name, *more):
@@ -163,7 +160,7 @@ def test_vllm_serves_the_adapters_by_name(trained, tiny_model_dir):
 def test_train_on_float_serve_on_awq(trained, tiny_model_dir, tmp_path):
     """An AWQ model config trains on its float `train_path` and checks the adapter's target
     modules against the AWQ checkpoint's (quantized) module names before publishing."""
-    from pipeline.awq import ensure_tiny_awq_model
+    from pipeline.models.awq import ensure_tiny_awq_model
 
     awq = ensure_tiny_awq_model(tmp_path / "tiny-awq", float_dir=tiny_model_dir)
     layers = json.loads((awq / "config.json").read_text())["num_hidden_layers"]
@@ -214,7 +211,7 @@ def test_existing_adapter_is_refused_before_training(trained, tiny_model_dir):
 def generated(trained, ray_session, tmp_path_factory):
     """The generation job on requests that name the `nested` adapter, none, or an unknown one;
     the request columns passed through, as a generate -> train loop needs them."""
-    from pipeline.generate import run as generate
+    from pipeline.generate.job import run as generate
 
     tmp_path = tmp_path_factory.mktemp("generate")
     rows = []
@@ -274,7 +271,7 @@ def test_labels_cover_exactly_the_assistant_turns(tiny_model_dir):
     """Loss is on each assistant answer and its <|eot_id|>, nothing else; one <|begin_of_text|>."""
     from tokenizers import Tokenizer
 
-    from pipeline.train import prepare_examples
+    from pipeline.train.labels import prepare_examples
 
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "First answer."}, {"role": "user", "content": "Again?"},
@@ -305,8 +302,8 @@ def test_config_errors_are_reported_together(tiny_model_dir, tmp_path):
 def test_mixed_adapters_and_base_in_one_job_equal_separate_jobs(trained, tmp_path):
     """Two different adapters and the base model, mixed in every batch of one job, give the same
     rows as three jobs that each run one of them."""
-    from pipeline.generate import run as generate
-    from pipeline.train import sample_conversations
+    from pipeline.generate.job import run as generate
+    from pipeline.train.data import sample_conversations
 
     other = "Ciao from the second adapter!"
     convs = [[{**m, "content": other} if m["role"] == "assistant" else m for m in c] for c in sample_conversations(48)]

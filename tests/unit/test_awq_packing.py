@@ -1,4 +1,4 @@
-"""AWQ GEMM packing and round-to-nearest quantization (`pipeline.awq`), checked against AutoAWQ's
+"""AWQ GEMM packing and round-to-nearest quantization (`pipeline.models.awq`), checked against AutoAWQ's
 layout on hand-made values and against a direct transcription of AutoAWQ's packing loop."""
 
 from __future__ import annotations
@@ -8,9 +8,7 @@ import json
 import pytest
 import torch
 
-from pipeline import awq
-
-
+from pipeline.models import awq
 def autoawq_pack(intweight: torch.Tensor) -> torch.Tensor:
     """AutoAWQ's WQLinear_GEMM.from_linear packing loop, as written there: `intweight` is
     [in, out], column 8*c + order_map[i] goes to bits 4*i.. of packed column c."""

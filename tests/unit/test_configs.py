@@ -5,17 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-
-from pipeline.config import ConfigError, generation_settings
+from pipeline.generate.config import ConfigError, generation_settings
+from tests.conftest import compose
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
 
 def composed(name, overrides=()):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
+    return compose(name, overrides)
 
 
 def test_the_production_model_is_the_default():
@@ -51,7 +49,7 @@ def test_config_errors_are_gathered_and_name_the_setting():
 
 
 def test_device_dependent_settings():
-    from pipeline.config import resolve_device
+    from pipeline.generate.config import resolve_device
 
     cpu = resolve_device(generation_settings(composed("generate", ["model=tiny", "workers=2"])), 0, 8, 8)
     assert cpu["device"] == "cpu" and cpu["engine"]["num_gpus"] == 0 and cpu["engine"]["num_cpus"] == 0.5

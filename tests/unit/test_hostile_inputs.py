@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.planning import InputError, Shard, plan_shards, request_column_problem
+from pipeline.generate.planning import InputError, Shard, plan_shards, request_column_problem
 from pipeline.prompts import ChatTemplate, LiteralSpecialTokens
-from pipeline.rows import Preparer, canonical_block, column_cells
+from pipeline.generate.prepare import Preparer, canonical_block, column_cells
 
 TEMPLATE = ChatTemplate(
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
@@ -270,7 +270,7 @@ def test_a_huge_row_group_is_split_into_shards(tmp_path):
 
 def test_an_input_file_gone_after_planning_stops_the_job_not_its_rows(tmp_path):
     from pipeline.errors import JobFailure, find_failure
-    from pipeline.generate import _read_shard
+    from pipeline.generate.job import _read_shard
 
     path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"prompt": ["a", "b"]}), path)

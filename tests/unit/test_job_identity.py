@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import (
+from pipeline.generate.config import (
     ConfigError,
     adapters_for,
     check_inputs_outside_output,
@@ -20,8 +20,8 @@ from pipeline.config import (
     model_fingerprint,
     redacted,
 )
-from pipeline.planning import plan_shards
-from pipeline.sinks import describe_changes
+from pipeline.generate.planning import plan_shards
+from pipeline.generate.sinks import describe_changes
 from tests.unit.test_configs import composed
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

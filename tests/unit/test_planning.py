@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.planning import InputError, derived_row_id, plan_shards, resolve_inputs
+from pipeline.generate.planning import InputError, derived_row_id, plan_shards, resolve_inputs
 
 
 def write(path, rows, **kwargs):

@@ -9,9 +9,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.planning import Shard
+from pipeline.generate.planning import Shard
 from pipeline.prompts import ChatTemplate
-from pipeline.rows import Preparer, canonical_block
+from pipeline.generate.prepare import Preparer, canonical_block
 from tests.strategies import request_rows, to_table
 
 TEMPLATE = ChatTemplate(

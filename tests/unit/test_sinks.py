@@ -3,24 +3,17 @@ written over, every planned row committed exactly once, damaged files named."""
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import sinks
-from pipeline.sinks import OutputDir, OutputError, check_exactly_once
+from pipeline.errors import UserError
+from pipeline.generate.sinks import OutputDir, OutputError
 
-ROOT = Path(__file__).resolve().parents[2]
 FP = {"config": {"model": "tiny"}, "inputs": {"in.parquet": "abc"}}
 TMP_HEX = "0123456789abcdef0123456789abcdef"
 
@@ -170,9 +163,11 @@ def test_overwrite_must_be_a_bool(tmp_path, value):
     with pytest.raises(OutputError) as info:
         OutputDir(str(tmp_path), overwrite=value)
     assert str(info.value) == f"output.overwrite: must be true or false (got {value!r})"
+    # a UserError, whose single problem is the whole message: the entry points print it as is
+    assert isinstance(info.value, UserError) and info.value.problems == [str(info.value)]
 
 
-# -- one writer per folder -------------------------------------------------------------------------
+# -- one writer per folder (the lock itself: test_folder_lock.py) ---------------------------------
 
 
 def test_second_writer_is_refused_with_the_holder(tmp_path):
@@ -188,14 +183,6 @@ def test_second_writer_is_refused_with_the_holder(tmp_path):
     first.close()  # idempotent
     second = opened(tmp_path)
     second.close()
-
-
-def test_refusal_tolerates_a_garbage_lock_file(tmp_path):
-    first = opened(tmp_path)
-    (tmp_path / ".lock").write_text("not json")  # rewriting the content does not drop the lock
-    with pytest.raises(OutputError, match=r"host unknown, pid unknown, since unknown"):
-        OutputDir(str(tmp_path)).open(FP)
-    first.close()
 
 
 def test_lock_is_taken_before_anything_is_deleted(tmp_path):
@@ -223,38 +210,7 @@ def test_lock_released_by_finish_context_and_failed_open(tmp_path):
     opened(tmp_path / "ctx").close()  # the refused open did not keep the lock
 
 
-def test_lock_of_a_killed_run_is_taken_over(tmp_path):
-    script = (
-        "import sys, time\n"
-        "from pipeline.sinks import OutputDir\n"
-        "out = OutputDir(sys.argv[1])\n"
-        f"out.open({FP!r})\n"
-        "time.sleep(120)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=str(ROOT), env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if json.loads((tmp_path / ".lock").read_text())["pid"] == proc.pid:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            assert proc.poll() is None, "the lock-holding subprocess exited early"
-            assert time.monotonic() < deadline, "the subprocess never took the lock"
-            time.sleep(0.05)
-        with pytest.raises(OutputError, match=f"pid {proc.pid}"):
-            OutputDir(str(tmp_path)).open(FP)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    out = opened(tmp_path)
-    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
-    out.close()
-
-
-# -- part names ------------------------------------------------------------------------------------
+# -- part names (publishing itself: test_part_files.py) -------------------------------------------
 
 
 def test_part_indices_go_past_99999(tmp_path):
@@ -306,24 +262,7 @@ def test_a_name_taken_after_the_index_was_chosen_is_skipped(tmp_path, monkeypatc
     out.close()
 
 
-def test_without_hard_links_the_part_is_renamed_into_a_free_name(tmp_path, monkeypatch):
-    out = opened(tmp_path)
-    (tmp_path / "parts" / "part-00000.parquet").write_text("not ours")
-
-    def no_link(src, dst):
-        raise OSError(errno.EPERM, "Operation not permitted")
-
-    monkeypatch.setattr(OutputDir, "_next_index", lambda self: 0)
-    monkeypatch.setattr(sinks.os, "link", no_link)
-    out.add(rows("in.parquet", [0]))
-    out.flush()
-    assert (tmp_path / "parts" / "part-00000.parquet").read_text() == "not ours"
-    assert sorted(os.listdir(tmp_path / "parts")) == ["part-00000.parquet", "part-00001.parquet"]
-    assert pq.read_table(tmp_path / "parts" / "part-00001.parquet")["source_row"].to_pylist() == [0]
-    out.close()
-
-
-# -- exactly once ----------------------------------------------------------------------------------
+# -- exactly once (the check itself: test_coverage.py) --------------------------------------------
 
 
 def test_finish_with_exact_coverage_writes_the_manifest(tmp_path):
@@ -356,39 +295,6 @@ def test_finish_refuses_rows_committed_twice(tmp_path):
         out.finish({}, expected_rows={"in.parquet": 12})
     assert "in.parquet: rows 5-9 committed 2 times" in str(info.value)
     assert not (tmp_path / "manifest.json").exists()
-
-
-def test_check_exactly_once_problems():
-    def part(covers):
-        return {"file": "parts/part-00000.parquet", "rows": 0, "covers": covers}
-
-    assert check_exactly_once([part({"a": [[0, 4]]}), part({"a": [[5, 9]]})], {"a": 10}) == []
-    assert check_exactly_once([], {"a": 0}) == []
-    assert check_exactly_once([part({"a": [[0, 2], [2, 3]]})], {"a": 4}) == ["a: row 2 committed 2 times"]
-    assert check_exactly_once([part({"a": [[0, 11]]})], {"a": 10}) == [
-        "a: rows 10-11 committed, but the plan has rows 0-9 only"
-    ]
-    assert check_exactly_once([part({"x": [[0, 1]]})], {}) == [
-        "x: 2 row(s) committed from a file that is not in the plan"
-    ]
-    assert check_exactly_once([], {"a": 3}) == ["a: rows 0-2 missing"]
-    assert check_exactly_once([part({"a": [[0, 9]]}), part({"a": [[3, 3], [3, 5]]})], {"a": 12}) == [
-        "a: row 3 committed 3 times",
-        "a: rows 4-5 committed 2 times",
-        "a: rows 10-11 missing",
-    ]
-
-
-def test_check_exactly_once_scales_with_ranges_not_rows():
-    n = 10**8
-    parts = [
-        {"file": f"parts/part-{i:05d}.parquet", "rows": n // 1000, "covers": {"big": [[i * n // 1000, (i + 1) * n // 1000 - 1]]}}
-        for i in range(1000)
-    ]
-    start = time.perf_counter()
-    assert check_exactly_once(parts, {"big": n}) == []
-    assert check_exactly_once(parts[:-1], {"big": n}) == [f"big: rows {n - n // 1000}-{n - 1} missing"]
-    assert time.perf_counter() - start < 5
 
 
 def test_finish_lists_at_most_ten_problems(tmp_path):

@@ -12,13 +12,16 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.planning import ShardPlan
+from pipeline.errors import UserError
+from pipeline.manifests import package_versions
+from pipeline.generate.planning import ShardPlan
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
+    """Settings that cannot run: every problem, each naming the setting, its value and the fix."""
+
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid config:\n" + "\n".join(f"- {p}" for p in problems))
+        super().__init__(problems, heading="invalid config:")
 
 
 def to_plain(cfg) -> dict:
@@ -76,7 +79,7 @@ def generation_settings(cfg) -> dict:
     if model.get("revision") is not None and not isinstance(model.get("revision"), str):
         problems.append(f"model.revision: must be a branch, tag or commit of the hub model, or null (got {model.get('revision')!r})")
     if s.get("response_format") is not None:
-        from pipeline.tools import ResponseFormatError, validate_response_format
+        from pipeline.response_format import ResponseFormatError, validate_response_format
 
         try:
             s["response_format"] = validate_response_format(s["response_format"])
@@ -104,7 +107,7 @@ def generation_settings(cfg) -> dict:
 def passthrough_problems(names: list[str]) -> list[str]:
     """Passthrough names that would clash in the output: with its own columns, with the job's
     internal `_`-prefixed columns, or with each other."""
-    from pipeline.rows import OUTPUT_SCHEMA
+    from pipeline.generate.prepare import OUTPUT_SCHEMA
 
     problems = []
     for name in sorted({n for n in names if names.count(n) > 1}):
@@ -184,11 +187,11 @@ def ensure_model(model: dict) -> str:
     """The model's path, building the project's tiny model there first if the config says so."""
     build = model.get("build")
     if build == "tiny":
-        from pipeline.tiny_model import ensure_tiny_model
+        from pipeline.models.tiny_model import ensure_tiny_model
 
         return str(ensure_tiny_model(model["path"], seed=int(model.get("seed", 0))))
     if build == "tiny-awq":
-        from pipeline.awq import ensure_tiny_awq_model
+        from pipeline.models.awq import ensure_tiny_awq_model
 
         return str(ensure_tiny_awq_model(model["path"], seed=int(model.get("seed", 0))))
     return model["path"]
@@ -341,15 +344,3 @@ def fingerprint(settings: dict, plan: ShardPlan, adapters: dict, model: dict | N
         },
         "versions": package_versions(TOKEN_PACKAGES),
     }
-
-
-def package_versions(names) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in names:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found

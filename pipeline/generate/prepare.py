@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import pyarrow as pa
 
-from pipeline.planning import Shard, derived_row_id
+from pipeline.generate.planning import Shard, derived_row_id
 from pipeline.prompts import ChatTemplate, LiteralSpecialTokens
 from pipeline.sampling import row_seed, sampling_kwargs
 from pipeline.schema import REQUEST_FIELDS, Request, RequestError, parse_request

@@ -10,8 +10,8 @@ generated again (each part records its rows' input file and row index), leftover
 that was being written are removed, and the rest is generated. A rerun whose config or inputs
 differ from `job.json` is refused with what changed, unless `output.overwrite=true` starts afresh.
 
-Only files this module creates are ever deleted, because `output.path` may be any folder,
-shared with other tools' files:
+Only files this module (or `part_files`) creates are ever deleted, because `output.path` may be
+any folder, shared with other tools' files:
   - leftovers: `.job.json.tmp-<32 hex>` and `.manifest.json.tmp-<32 hex>` at the top, and
     `.part-<5+ digits>.parquet.tmp-<32 hex>` in `parts/`, regular files only (symlinks and
     folders with such names are left alone);
@@ -22,17 +22,15 @@ shared with other tools' files:
     refused whatever `overwrite` says. A `parts` that is a symlink or not a folder is refused
     too, so that no deletion or write lands outside the output folder.
 
-One writer: `OutputDir.open()` takes an exclusive `flock` on `<output>/.lock` before it reads or
-deletes anything and holds it until `close()` or `finish()`; the file records the holder's host,
-pid and start time, which a refused second run (a scheduler retry, a rerun in another terminal)
-reports. The operating system drops the lock when its holder dies, so a killed run never leaves
-a stale lock behind. `.lock` is hidden, so Parquet readers of the folder skip it.
+One writer: `OutputDir.open()` takes an exclusive lock on `<output>/.lock` before it reads or
+deletes anything and holds it until `close()` or `finish()`; a second run is refused, naming the
+holder (`pipeline.generate.folder_lock`).
 
-Parts are never written over: each is published under the next free `part-<index>` name with
-`os.link` (which fails rather than replace an existing name), indices have at least five digits
-and are parsed as numbers, so part 100000 follows part 99999. Before `manifest.json` is written,
-`finish()` checks from the parts' row ranges that every planned input row was committed exactly
-once; a gap or a duplicate stops the job without a manifest.
+Parts are never written over: each is published under the next free `part-<index>` name, and
+indices are parsed as numbers, so part 100000 follows part 99999 (`pipeline.generate.part_files`).
+Before `manifest.json` is written, `finish()` checks from the parts' row ranges that every
+planned input row was committed exactly once; a gap or a duplicate stops the job without a
+manifest (`pipeline.generate.coverage`).
 
 The parts have a folder of their own so that any Parquet reader can be pointed at it
 (`pyarrow.parquet.read_table("<output>/parts")`) without tripping over the JSON files.
@@ -42,55 +40,42 @@ Pure module: stdlib + pyarrow.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import fnmatch
 import json
 import os
 import re
-import socket
 import stat
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import UserError
+from pipeline.generate.coverage import check_exactly_once, part_entry
+from pipeline.generate.folder_lock import FolderLock
+from pipeline.generate.part_files import PART_FILE, part_index, part_name, tmp_name, write_part
+from pipeline.manifests import iso_time
+
 JOB = "job.json"
 MANIFEST = "manifest.json"
 PARTS = "parts"
-LOCK = ".lock"
 STATS_COLUMNS = ["error", "prompt_tokens", "completion_tokens", "finish_reason", "tool_parse"]
 
-_PART = re.compile(r"^part-(\d+)\.parquet$")
-# The names `_tmp_name` gives to files before they are renamed into place; nothing else is
+# The names `tmp_name` gives to files before they are renamed into place; nothing else is
 # ever cleaned up.
 _TOP_LEFTOVER = re.compile(r"^\.(job\.json|manifest\.json)\.tmp-[0-9a-f]{32}$")
 _PART_LEFTOVER = re.compile(r"^\.part-\d{5,}\.parquet\.tmp-[0-9a-f]{32}$")
-# os.link fails with these where the filesystem has no hard links (FAT, some network and FUSE
-# filesystems); the part is then published by an existence check and a rename, which is safe
-# as long as the lock keeps other writers out.
-_NO_HARD_LINKS = {
-    getattr(errno, name) for name in ("EPERM", "ENOTSUP", "EOPNOTSUPP", "EXDEV", "ENOSYS") if hasattr(errno, name)
-}
 _MAX_PROBLEMS = 10
 
 
-class OutputError(ValueError):
-    pass
-
-
-def _tmp_name(path: str) -> str:
-    """Where `path` is written before it is renamed into place: hidden (a leading dot), so that a
-    reader of the folder (pyarrow skips '.' and '_' files) never sees a half-written file, even
-    one a killed job left behind."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+class OutputError(UserError):
+    """A problem with the output folder (`output.*`): the user's to fix, before anything is
+    written, or a damaged folder found on resume."""
 
 
 def write_json_atomic(path: str, data: dict) -> None:
-    tmp = _tmp_name(path)
+    tmp = tmp_name(path)
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, default=str)
         f.write("\n")
@@ -100,7 +85,7 @@ def write_json_atomic(path: str, data: dict) -> None:
 
 
 def write_parquet_atomic(path: str, table: pa.Table) -> None:
-    tmp = _tmp_name(path)
+    tmp = tmp_name(path)
     pq.write_table(table, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -131,7 +116,7 @@ class OutputDir:
         self.parts: list[dict] = []
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
-        self._lock_fd: int | None = None
+        self._lock = FolderLock(path, error=OutputError)
         self._next: int | None = None  # the next part index, once known
 
     def __enter__(self) -> OutputDir:
@@ -139,6 +124,10 @@ class OutputDir:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def close(self) -> None:
+        """Release the folder for other runs (idempotent); the lock file stays."""
+        self._lock.release()
 
     def __del__(self) -> None:
         # A caller that drops the object without close() (an exception between open() and
@@ -176,13 +165,13 @@ class OutputDir:
             names = os.listdir(parts)
         except FileNotFoundError:
             return []
-        return [n for n in names if _PART.match(n)]
+        return [n for n in names if PART_FILE.match(n)]
 
     def part_files(self) -> list[str]:
         """The committed parts (regular files named `part-<digits>.parquet`), in index order."""
         parts = self._parts_dir()
         names = [n for n in self._part_names() if _is_regular(os.path.join(parts, n))]
-        return [os.path.join(parts, n) for n in sorted(names, key=_part_index)]
+        return [os.path.join(parts, n) for n in sorted(names, key=part_index)]
 
     def _looks_like_output(self) -> bool:
         parts = self._parts_dir()
@@ -193,7 +182,8 @@ class OutputDir:
         return os.path.lexists(self._file(MANIFEST)) or any(fnmatch.fnmatchcase(n, "part-*.parquet") for n in names)
 
     def _leftovers(self) -> list[str]:
-        """Files this module was writing when a run stopped (see `_tmp_name`): regular files only."""
+        """Files this module was writing when a run stopped (see `part_files.tmp_name`): regular
+        files only."""
         found = []
         for folder, pattern in ((self.path, _TOP_LEFTOVER), (self._parts_dir(), _PART_LEFTOVER)):
             try:
@@ -203,54 +193,6 @@ class OutputDir:
             found += [os.path.join(folder, n) for n in names if pattern.match(n)]
         return sorted(p for p in found if _is_regular(p))
 
-    # -- the lock --------------------------------------------------------------------------------
-
-    def _acquire_lock(self) -> None:
-        if self._lock_fd is not None:
-            return
-        try:
-            os.makedirs(self.path, exist_ok=True)
-        except (FileExistsError, NotADirectoryError) as e:
-            raise OutputError(f"output.path '{self.path}' is not a folder ({e})") from e
-        lock_file = self._file(LOCK)
-        try:
-            # O_NOFOLLOW: the lock file is truncated and written, so a symlink planted there
-            # must not redirect that write. Python's descriptors are not inherited across exec,
-            # so processes the job starts never keep the lock alive after it dies.
-            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        except OSError as e:
-            raise OutputError(f"cannot open the lock file '{lock_file}' ({e}); remove it or choose another output.path") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise OutputError(
-                f"output.path '{self.path}' is in use by another run of the job "
-                f"(host {holder.get('host', 'unknown')}, pid {holder.get('pid', 'unknown')}, "
-                f"since {holder.get('started_at', 'unknown')}); wait for it to finish or stop it"
-            ) from None
-        except OSError as e:
-            os.close(fd)
-            raise OutputError(
-                f"cannot lock '{lock_file}' ({e}); the filesystem of output.path must support file locks "
-                "so that two runs never write the same folder"
-            ) from e
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": _iso(time.time())}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        self._lock_fd = fd
-
-    def close(self) -> None:
-        """Release the folder for other runs (idempotent). The lock file stays: deleting it
-        would let a run that opened it before the deletion lock a file nobody else sees."""
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
-
     # -- opening ---------------------------------------------------------------------------------
 
     def open(self, fingerprint: dict) -> Resume:
@@ -258,7 +200,7 @@ class OutputDir:
 
         The folder stays locked for this object until `close()` or `finish()`; a job found
         complete is released at once, since nothing more will be written."""
-        self._acquire_lock()
+        self._lock.acquire()
         try:
             resume = self._open(fingerprint)
         except BaseException:
@@ -306,12 +248,12 @@ class OutputDir:
         for path in self._leftovers():
             os.remove(path)  # a part, job file or manifest that was being written when a run stopped
         if not has_job:
-            write_json_atomic(job_file, {"fingerprint": fingerprint, "created_at": _iso(time.time())})
+            write_json_atomic(job_file, {"fingerprint": fingerprint, "created_at": iso_time(time.time())})
         resume = Resume()
         for path in self.part_files():
             try:
                 meta = pq.read_table(path, columns=["source_file", "source_row"])
-                entry = _part_entry(os.path.relpath(path, self.path), meta)
+                entry = part_entry(os.path.relpath(path, self.path), meta)
                 sources, rows = meta.column("source_file").to_pylist(), meta.column("source_row").to_pylist()
             except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
                 raise OutputError(
@@ -376,7 +318,7 @@ class OutputDir:
             return
         table = pa.concat_tables(self._pending, promote_options="permissive")
         name = self._commit_part(table)
-        self.parts.append(_part_entry(name, table))
+        self.parts.append(part_entry(name, table))
         self._pending, self._pending_rows = [], 0
 
     def _next_index(self) -> int:
@@ -384,26 +326,15 @@ class OutputDir:
         is listed once per run: with the lock held, no one else adds parts."""
         if self._next is None:
             names = [os.path.basename(p["file"]) for p in self.parts if isinstance(p.get("file"), str)]
-            indices = [_part_index(n) for n in names + self._part_names() if _PART.match(n)]
+            indices = [part_index(n) for n in names + self._part_names() if PART_FILE.match(n)]
             self._next = 1 + max(indices, default=-1)
         return self._next
 
     def _commit_part(self, table: pa.Table) -> str:
         """Write `table` as the next part; return its name relative to the folder."""
-        index = self._next_index()
-        parts_dir = self._parts_dir()
-        tmp = _tmp_name(os.path.join(parts_dir, _part_name(index)))
-        try:
-            pq.write_table(table, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            while not _publish_new(tmp, os.path.join(parts_dir, _part_name(index))):
-                index += 1  # the name is taken: a part is never written over
-            self._next = index + 1
-        finally:
-            if os.path.lexists(tmp):
-                os.remove(tmp)
-        return f"{PARTS}/{_part_name(index)}"
+        index = write_part(self._parts_dir(), self._next_index(), table)
+        self._next = index + 1
+        return f"{PARTS}/{part_name(index)}"
 
     def finish(self, manifest: dict, expected_rows: dict[str, int] | None = None) -> dict:
         """Commit what is pending and write `manifest.json`, then release the folder.
@@ -412,7 +343,7 @@ class OutputDir:
         against the parts first: every row committed exactly once, or no manifest is written."""
         try:
             self.flush()
-            parts = sorted(self.parts, key=lambda p: (_part_index(os.path.basename(p["file"])), p["file"]))
+            parts = sorted(self.parts, key=lambda p: (part_index(os.path.basename(p["file"])), p["file"]))
             if expected_rows is not None:
                 problems = check_exactly_once(parts, expected_rows)
                 if problems:
@@ -433,67 +364,6 @@ class OutputDir:
             self.close()
 
 
-def check_exactly_once(parts: list[dict], expected_rows: dict[str, int]) -> list[str]:
-    """What keeps `parts` (manifest entries, with their inclusive `covers` ranges) from holding
-    rows 0..n-1 of each input file exactly once, n being `expected_rows[file]`; empty if nothing.
-
-    Works on ranges, not rows: a boundary sweep over the sorted range ends, so a plan of 10^8
-    rows in a few thousand ranges costs a few thousand steps."""
-    problems: list[str] = []
-    ranges: dict[str, list[tuple[int, int]]] = {source: [] for source in expected_rows}
-    for part in parts:
-        covers = part.get("covers")
-        if not isinstance(covers, dict):
-            problems.append(f"{part.get('file', '?')}: no row ranges recorded")
-            continue
-        for source, spans in covers.items():
-            ok = isinstance(spans, list) and all(
-                isinstance(s, (list, tuple)) and len(s) == 2 and all(type(x) is int for x in s) and s[0] <= s[1]
-                for s in spans
-            )
-            if not ok:
-                problems.append(f"{part.get('file', '?')}: malformed row ranges for {source}")
-                continue
-            ranges.setdefault(source, []).extend((a, b) for a, b in spans)
-    for source in sorted(ranges):
-        spans = ranges[source]
-        if source not in expected_rows:
-            count = sum(b - a + 1 for a, b in spans)
-            problems.append(f"{source}: {count} row(s) committed from a file that is not in the plan")
-            continue
-        n = expected_rows[source]
-        for start, end, times in _coverage(spans, n):
-            rows = f"row {start}" if start == end else f"rows {start}-{end}"
-            if start < 0 or end >= n:
-                if times:
-                    problems.append(f"{source}: {rows} committed, but the plan has rows 0-{n - 1} only")
-            elif times == 0:
-                problems.append(f"{source}: {rows} missing")
-            elif times > 1:
-                problems.append(f"{source}: {rows} committed {times} times")
-    return problems
-
-
-def _coverage(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int, int]]:
-    """Split the rows touched by `spans` and the plan's rows 0..n-1 into maximal inclusive runs
-    [(start, end, times covered)], each run either wholly inside the plan or wholly outside."""
-    delta: dict[int, int] = {0: 0, n: 0}
-    for a, b in spans:
-        delta[a] = delta.get(a, 0) + 1
-        delta[b + 1] = delta.get(b + 1, 0) - 1
-    points = sorted(delta)
-    runs: list[tuple[int, int, int]] = []
-    times = 0
-    for here, following in zip(points, points[1:]):
-        times += delta[here]
-        inside = 0 <= here < n
-        if runs and runs[-1][2] == times and runs[-1][1] == here - 1 and (0 <= runs[-1][0] < n) == inside:
-            runs[-1] = (runs[-1][0], following - 1, times)
-        else:
-            runs.append((here, following - 1, times))
-    return runs
-
-
 def describe_changes(previous: dict, current: dict, prefix: str = "") -> list[str]:
     """What differs between two job fingerprints, one line per setting or input file."""
     changes = []
@@ -509,53 +379,6 @@ def describe_changes(previous: dict, current: dict, prefix: str = "") -> list[st
             else:
                 changes.append(f"{name}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}")
     return changes
-
-
-def _part_entry(name: str, table: pa.Table) -> dict:
-    """A part's manifest entry: its row count and, per input file, the row ranges it covers."""
-    by_source: dict[str, list[int]] = {}
-    for source, row in zip(table.column("source_file").to_pylist(), table.column("source_row").to_pylist()):
-        by_source.setdefault(source, []).append(row)
-    return {"file": name, "rows": table.num_rows, "covers": {s: _ranges(rows) for s, rows in sorted(by_source.items())}}
-
-
-def _ranges(rows: list[int]) -> list[list[int]]:
-    """[1, 2, 3, 7] -> [[1, 3], [7, 7]] (inclusive). A repeated row starts a new range, so a
-    part that holds a row twice shows as overlapping ranges."""
-    out: list[list[int]] = []
-    for r in sorted(rows):
-        if out and r == out[-1][1] + 1:
-            out[-1][1] = r
-        else:
-            out.append([r, r])
-    return out
-
-
-def _part_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
-
-
-def _part_index(name: str) -> int:
-    """part-00042.parquet -> 42; a name that is not a part's sorts last."""
-    match = _PART.match(name)
-    return int(match.group(1)) if match else 1 << 62
-
-
-def _publish_new(tmp: str, final: str) -> bool:
-    """Give the finished file `tmp` the name `final` unless that name exists; True if it did."""
-    try:
-        os.link(tmp, final)
-    except FileExistsError:
-        return False
-    except OSError as e:
-        if e.errno not in _NO_HARD_LINKS:
-            raise
-        if os.path.lexists(final):
-            return False
-        os.replace(tmp, final)
-        return True
-    os.remove(tmp)
-    return True
 
 
 def _is_regular(path: str) -> bool:
@@ -585,16 +408,3 @@ def _read_json_object(path: str, required: str) -> dict:
         )
     return data
 
-
-def _read_holder(fd: int) -> dict:
-    """Who holds the lock, from the lock file; {} when it is empty or garbage (its holder may be
-    between taking the lock and writing it)."""
-    try:
-        data = json.loads(os.pread(fd, 4096, 0).decode())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

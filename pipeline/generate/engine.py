@@ -1,7 +1,7 @@
 """The one module that talks to vLLM: a Ray Data UDF holding one engine per worker.
 
 Rows arrive prepared (validated, rendered, tokenized, with their sampling parameters and seed,
-see `pipeline.rows`); rows that already carry an error pass through untouched.
+see `pipeline.generate.prepare`); rows that already carry an error pass through untouched.
 
 Ray Data hands each worker several batches at once (`batches_in_flight`, each call in its
 own thread). One thread per worker, `EngineLoop`, owns the engine: it adds every batch's requests
@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.errors import JobFailure
-from pipeline.rows import OUTPUT_SCHEMA, output_table, safe_text
+from pipeline.generate.prepare import OUTPUT_SCHEMA, output_table, safe_text
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class GenerationWorker:
             cols["response"][i] = text
             cols["tool_calls"][i] = []
             return
-        from pipeline.tools import encode_tool_calls, parse_tool_calls
+        from pipeline.generate.answers import encode_tool_calls, parse_tool_calls
 
         parsed = parse_tool_calls(text, offered)
         cols["response"][i] = parsed.response

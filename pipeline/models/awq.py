@@ -22,7 +22,7 @@ packed along the input dimension, no activation order), so both formats can be t
 `unpack_awq` and `dequantize_checkpoint` go the other way: the float weights the 4-bit model stands
 for, computed exactly (in float32), which is what the vLLM tests compare the quantized model against.
 
-    python -m pipeline.awq --out .cache/models/tiny-llama-3.1-awq [--seed 0] [--group-size 32]
+    python -m pipeline.models.awq --out .cache/models/tiny-llama-3.1-awq [--seed 0] [--group-size 32]
 """
 
 from __future__ import annotations
@@ -364,7 +364,7 @@ def ensure_tiny_awq_model(
     group_size: int = TINY_GROUP_SIZE,
     float_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """The project's tiny model (`pipeline.tiny_model`, same seed) as an AWQ checkpoint at `out_dir`.
+    """The project's tiny model (`pipeline.models.tiny_model`, same seed) as an AWQ checkpoint at `out_dir`.
 
     Built on first use (a second or two); a finished one (manifest present) for the same seed,
     group size and tiny-model recipe is reused, anything else at `out_dir` is an error and is
@@ -372,8 +372,7 @@ def ensure_tiny_awq_model(
     missing, e.g. a LoRA job's ``train_path``), else it is built in a temporary folder: the tiny
     model is deterministic, so both give the same weights.
     """
-    from pipeline import tiny_model
-
+    from pipeline.models import tiny_model
     out_dir = Path(out_dir)
     wanted = {"model": TINY_AWQ_MODEL_NAME, "tiny_seed": seed, "tiny_recipe_version": tiny_model.RECIPE_VERSION}
     manifest_path = out_dir / MANIFEST
@@ -474,7 +473,7 @@ def _versions() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.awq",
+        prog="python -m pipeline.models.awq",
         description="Build the tiny model as an AutoAWQ (4-bit GEMM) checkpoint, or quantize a float Llama checkpoint.",
     )
     parser.add_argument("--out", required=True, help="folder to write the AWQ checkpoint to")

@@ -1,4 +1,4 @@
-"""Training text for the tiny model's tokenizer (`pipeline.tiny_model`).
+"""Training text for the tiny model's tokenizer (`pipeline.models.tiny_model`).
 
 The tokenizer is trained on this text and nothing else, so the tiny model's files depend only on
 the repository. Editing it changes every token id of the tiny model: treat it as frozen.
@@ -135,7 +135,7 @@ function add(a, b) {
 }
 const list = [1, 2, 3].map((x) => x * 2);
 
-$ python -m pipeline.generate --input data/requests.parquet --output outputs/run-01
+$ python -m pipeline.generate.job --input data/requests.parquet --output outputs/run-01
 $ git commit -m "Add the tiny model" && git push origin main
 https://example.com/docs/getting-started?page=2#install
 

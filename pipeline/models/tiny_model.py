@@ -6,7 +6,7 @@ Everything around the weights is shaped like Meta's checkpoint, so the code path
 
 * ``config.json``: ``LlamaForCausalLM`` with grouped-query attention, Llama 3.1's rope scaling
   (``rope_type: llama3``, factor 8) and rope theta, untied embeddings; float32 weights.
-* ``tokenizer.json``: a byte-level BPE trained on `pipeline.tiny_corpus` with Llama 3's
+* ``tokenizer.json``: a byte-level BPE trained on `pipeline.models.tiny_corpus` with Llama 3's
   pre-tokenizer, followed by Llama 3.1's 256 special tokens in Meta's order at the end of the
   vocabulary; it prepends ``<|begin_of_text|>`` as Meta's does.
 * ``tokenizer_config.json``: Meta's chat template (``pipeline/templates/llama-3.1-instruct.jinja``),
@@ -17,7 +17,7 @@ Everything around the weights is shaped like Meta's checkpoint, so the code path
 The same seed gives byte-identical files. ``manifest.json`` is written last and lists every file's
 sha256; a folder without it is not a finished build.
 
-    python -m pipeline.tiny_model --out .cache/models/tiny-llama-3.1 [--seed 0]
+    python -m pipeline.models.tiny_model --out .cache/models/tiny-llama-3.1 [--seed 0]
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def train_tokenizer():
     post-processor, and the special tokens appended after the learned vocabulary."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from pipeline.tiny_corpus import TEXT
+    from pipeline.models.tiny_corpus import TEXT
 
     tokenizer = Tokenizer(models.BPE(ignore_merges=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -324,7 +324,7 @@ def _check_existing(out: Path, seed: int) -> Path | None:
             raise ValueError(f"{out} holds another model ({manifest.get('model')!r}): choose another path")
         if manifest.get("recipe_version") != RECIPE_VERSION:
             raise ValueError(
-                f"{out} holds the tiny model as an older version of pipeline.tiny_model built it "
+                f"{out} holds the tiny model as an older version of pipeline.models.tiny_model built it "
                 f"(recipe {manifest.get('recipe_version')}, now {RECIPE_VERSION}): delete it and it is rebuilt"
             )
         if manifest.get("seed") != seed:
@@ -369,7 +369,7 @@ def ensure_tiny_model(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.tiny_model",
+        prog="python -m pipeline.models.tiny_model",
         description="Build the project's tiny Llama-3.1-architecture model (skipped if already built).",
     )
     parser.add_argument("--out", required=True, help="folder to build the model in")

@@ -1,0 +1,143 @@
+"""The LoRA training job: chat conversations -> a PEFT LoRA adapter in the registry.
+
+    settings (`settings`) -> rows -> conversations (`data`)
+      -> render with the model's chat template, tokenize, labels on assistant tokens only (`labels`)
+      -> train in-process (`loop`), or with Ray Train's TorchTrainer and DDP over `train.workers`
+         (`ray_train`)
+      -> adapter files + manifest.json into a registry staging folder, renamed into place
+
+A run that fails or is killed leaves no adapter behind (see `pipeline.lora_registry`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from pipeline.manifests import iso_time, package_versions
+from pipeline.lora_registry import MANIFEST, AdapterRegistry, check_adapter_matches
+from pipeline.train.data import (
+    DataError,
+    conversations_from_rows,
+    data_columns,
+    data_fingerprint,
+    read_rows,
+    split_validation,
+)
+from pipeline.train.labels import prepare_examples
+from pipeline.train.loop import fit
+from pipeline.train.settings import TrainConfigError, base_model_name_or_path, train_settings, training_model_path
+
+log = logging.getLogger("pipeline.train.job")
+
+# Recorded in the manifest: what the adapter's numbers depend on.
+VERSIONED_PACKAGES = ("torch", "transformers", "peft", "ray", "tokenizers", "pyarrow", "datasets", "hydra-core")
+
+
+def run(cfg) -> dict:
+    """Train the adapter described by `cfg` (the composed Hydra config); return its manifest."""
+    s = train_settings(cfg)
+    started = time.time()
+    registry = AdapterRegistry(s["adapter"]["root"])
+    name, overwrite = s["adapter"]["name"], bool(s["adapter"].get("overwrite"))
+    registry.check_can_write(name, overwrite)  # refuse before the data and model are loaded
+
+    data, train, model = s["data"], s["train"], s["model"]
+    if train.get("use_gpu") and train["workers"] == 1:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TrainConfigError(["train.use_gpu: true, but torch sees no CUDA GPU here (train.use_gpu=false trains on the CPU)"])
+    train_path = training_model_path(model)
+    rows = read_rows(data["path"], data_columns(data), split=data.get("split") or "train", config_name=data.get("config_name"))
+    if data.get("max_rows"):
+        rows = rows[: data["max_rows"]]
+    convs, skipped = conversations_from_rows(rows, data)
+    if not convs:
+        raise DataError(f"no usable conversation in {len(rows)} rows of {data['path']} (skipped: {dict(skipped)})")
+    train_idx, val_idx = split_validation(len(convs), float(data.get("validation_fraction") or 0.0), train["seed"])
+    examples, dropped, pad_id = prepare_examples(convs, train_path, s["prompt"]["date_string"], train["max_seq_len"])
+    skipped.update(dropped)
+    train_ex = [examples[i] for i in train_idx if examples[i] is not None]
+    val_ex = [examples[i] for i in val_idx if examples[i] is not None]
+    if not train_ex:
+        raise DataError(f"no trainable example left (skipped: {dict(skipped)})")
+    log.info(
+        "data: %d rows -> %d conversations (%d train, %d validation)%s",
+        len(rows), len(convs), len(train_ex), len(val_ex),
+        f"; skipped {dict(skipped)}" if skipped else "",
+    )
+
+    job = {"train": train, "model_path": train_path, "pad_id": pad_id,
+           "base_model_name_or_path": base_model_name_or_path(model)}
+    with registry.staging(name, overwrite=overwrite) as staging:
+        if train["workers"] > 1:
+            from pipeline.train.ray_train import fit_with_ray
+
+            metrics = fit_with_ray(job, train_ex, val_ex, staging, s.get("ray") or {})
+        else:
+            metrics = fit(job, train_ex, val_ex, out_dir=staging)
+        match = _check_served_model(staging, model, train_path)
+        manifest = {
+            "adapter": name,
+            "base_model": {"name": model.get("name"), "path": model["path"], "train_path": train_path},
+            "data": {
+                "path": data["path"],
+                "fingerprint": data_fingerprint(convs),
+                "rows": len(rows),
+                "conversations": len(convs),
+                "train_examples": len(train_ex),
+                "validation_examples": len(val_ex),
+                "skipped": dict(skipped),
+            },
+            "config": s,
+            **metrics,
+            "served_model_check": match,
+            "created": iso_time(time.time()),
+            "wall_seconds": round(time.time() - started, 3),
+            "versions": package_versions(VERSIONED_PACKAGES, python=True),
+        }
+        # Written last: its presence is what makes the folder an adapter.
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    print(_summary(name, registry.resolve(name).path, manifest), file=sys.stderr)
+    return manifest
+
+
+def _check_served_model(adapter_dir: Path, model: dict, train_path: str) -> dict | None:
+    """When the served checkpoint differs from the trained one (AWQ vs float), make sure every
+    LoRA target exists there too: vLLM would otherwise refuse the adapter at generation time,
+    long after training. Reads only the checkpoint's weight names (a local folder, or the
+    index file of a hub model)."""
+    from pipeline.model_files import resolve_model_file
+
+    served = model.get("path")
+    if not served or os.path.abspath(served) == os.path.abspath(train_path):
+        return None
+    try:
+        model_dir = served if Path(served).is_dir() else resolve_model_file(served, "model.safetensors.index.json").parent
+        m = check_adapter_matches(adapter_dir, model_dir)
+    except FileNotFoundError as exc:
+        log.warning("could not check the adapter against the served model %s: %s", served, exc)
+        return {"model": served, "checked": False, "reason": str(exc)}
+    if not m.ok:
+        raise TrainConfigError([
+            f"train.lora.target_modules: {list(m.missing)} do not exist in the served model {served}; "
+            "name modules that both checkpoints have"
+        ])
+    return {"model": served, "checked": True, "matched_modules": m.matched_modules}
+
+
+def _summary(name: str, path: Path, m: dict) -> str:
+    val = m.get("validation_loss")
+    return (
+        f"adapter {name!r} -> {path}\n"
+        f"  {m['steps']} steps, {m['epochs_run']:.2f} epochs, {m['train_tokens']} tokens "
+        f"({m['tokens_per_second']:.0f} tokens/s over {m['train_seconds']:.1f}s, {m['workers']} worker(s))\n"
+        f"  final train loss {m['train_loss']:.4f}"
+        + (f", validation loss {val:.4f}" if val is not None else "")
+        + f"\n  use it: a request row with lora={name!r}; list: python -m pipeline.lora_registry --root {path.parent}"
+    )
