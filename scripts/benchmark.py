@@ -331,13 +331,17 @@ def job_overrides(args, model_path: str, input_path: str, output: str, extra=())
 
 
 def job_settings(args, model_path: str, input_path: str, output: str) -> dict:
-    """The job's resolved settings, as its workers would receive them on this (GPU-less) machine."""
-    from pipeline.generate import config as job_config
+    """The job's settings as plain data, with `engine` as its workers would receive it on this
+    (GPU-less) machine: what the bare-engine and Ray Data contenders are configured from."""
+    from pipeline.generate.config import AdapterSet, engine_config
+    from pipeline.generate.settings import GenerationSettings, resolve_resources
 
-    settings = job_config.generation_settings(compose("generate", job_overrides(args, model_path, input_path, output)))
-    job_config.resolve_device(settings, 0)
-    settings["engine"]["seed"] = settings["seed"]
-    return settings
+    settings = GenerationSettings.from_config(compose("generate", job_overrides(args, model_path, input_path, output)))
+    resources = resolve_resources(settings, 0)
+    plain = settings.record()
+    plain["engine"] = engine_config(settings, resources, AdapterSet())
+    plain["batches_in_flight"] = resources.batches_in_flight
+    return plain
 
 
 class SavedProcessState:
@@ -450,8 +454,9 @@ def run_job(args, model_path: str, input_path: str, workdir: Path, mem: TreeMemo
         # The job's own clock starts after planning its inputs (milliseconds here).
         "time_to_first_row_s": manifest["throughput"]["time_to_first_row_s"],
         "output_batches": len(stream),
-        "settings": {k: manifest["config"][k] for k in ("workers", "batch_size")}
-        | {k: manifest["config"]["engine"].get(k) for k in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_gib", "num_cpus")},
+        "settings": {k: manifest["settings"][k] for k in ("workers", "batch_size")}
+        | {k: manifest["settings"]["engine"].get(k) for k in ("max_num_seqs", "max_num_batched_tokens")}
+        | {k: manifest["resources"][k] for k in ("kv_cache_gib", "num_cpus")},
         **memory_fields(w),
         "_texts": dict(zip(table.column("id").to_pylist(), table.column("response").to_pylist())),
     }

@@ -12,6 +12,7 @@ on disk is always whole.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -25,6 +26,8 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.generate import config as job_config
+from pipeline.generate.config import AdapterSet
+from pipeline.generate.settings import GenerationSettings, RaySettings, Resources, resolve_resources
 from pipeline.errors import JobFailure, find_failure
 from pipeline.manifests import iso_time, package_versions
 from pipeline.generate.planning import Shard, ShardPlan, plan_shards
@@ -43,35 +46,36 @@ def run(cfg) -> dict:
 
     Rerunning a job into the same output folder resumes it (see `pipeline.generate.sinks`).
     """
-    settings = job_config.generation_settings(cfg)
-    log.info("resolved config:\n%s", json.dumps(job_config.redacted(settings), indent=2, default=str))
+    settings = GenerationSettings.from_config(cfg)
+    log.info("settings:\n%s", json.dumps(settings.record(), indent=2))
     started = time.time()
 
-    model_path = job_config.ensure_model(settings["model"])
+    model_path = job_config.ensure_model(settings.model)
     plan = plan_shards(
-        settings["input"],
-        id_column=settings["id_column"],
-        passthrough=settings["passthrough"],
-        rows_per_shard=settings["read"]["rows_per_shard"],
+        list(settings.input),
+        id_column=settings.id_column,
+        passthrough=list(settings.passthrough),
+        rows_per_shard=settings.read.rows_per_shard,
     )
-    job_config.check_inputs_outside_output(plan.files, settings["output"]["path"])
-    model = job_config.model_fingerprint(settings["model"], model_path)
+    job_config.check_inputs_outside_output(plan.files, settings.output.path)
+    model = job_config.model_fingerprint(settings.model, model_path)
     adapters = job_config.adapters_for(settings, plan)
-    _init_ray(settings)
+    _init_ray(settings.ray)
     resources = ray.cluster_resources()
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=None)
-    job_config.resolve_device(settings, resources.get("GPU", 0), resources.get("CPU"), node_cpus)
+    resolved = resolve_resources(settings, resources.get("GPU", 0), resources.get("CPU"), node_cpus)
+    log.info("resources: %s", json.dumps(dataclasses.asdict(resolved)))
 
     out = OutputDir(
-        settings["output"]["path"],
-        overwrite=settings["output"]["overwrite"],
-        rows_per_part=settings["output"]["rows_per_part"],
+        settings.output.path,
+        overwrite=settings.output.overwrite,
+        rows_per_part=settings.output.rows_per_part,
     )
     try:
-        resume = out.open(job_config.fingerprint(settings, plan, adapters, model))
+        resume = out.open(job_config.fingerprint(settings, resolved, plan, adapters, model))
         if resume.complete:
             print(f"{out.path} already holds this job's complete output; nothing to do", file=sys.stderr)
-            _shutdown(settings)
+            _shutdown(settings.ray)
             return resume.manifest
         stats = RunStats(total_rows=plan.total_rows)
         for table in out.committed_stats_tables():
@@ -80,9 +84,10 @@ def run(cfg) -> dict:
             log.info("resuming: %d of %d rows are already committed", resume.rows, plan.total_rows)
 
         remaining = [s for s in plan.shards if len(resume.skip_for(s.source) & set(s.row_range)) < s.num_rows]
-        with stats.progress(enabled=settings["progress"]) as progress:
+        with stats.progress(enabled=settings.progress) as progress:
             if remaining:
-                ds = build_dataset(settings, plan, remaining, resume, model_path, adapters, model.get("commit"))
+                ds = build_dataset(settings, resolved, plan, remaining, resume, model_path, adapters,
+                                   model.get("commit"))
                 try:
                     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                         out.add(batch)
@@ -96,11 +101,12 @@ def run(cfg) -> dict:
                 "status": "complete",
                 "started_at": iso_time(started),
                 "finished_at": iso_time(finished),
-                "config": job_config.redacted(settings),
+                "settings": settings.record(),
+                "resources": dataclasses.asdict(resolved),
                 "versions": package_versions(python=True),
                 "model": model,
                 "inputs": {"files": list(plan.files), "fingerprints": plan.fingerprints},
-                "adapters": adapters,
+                "adapters": adapters.adapters,
                 "counts": stats.counts(),
                 "tokens": stats.tokens(),
                 "wall_time_s": round(finished - started, 3),
@@ -111,7 +117,7 @@ def run(cfg) -> dict:
     finally:
         out.close()
     print(stats.summary(out.path), file=sys.stderr)
-    _shutdown(settings)
+    _shutdown(settings.ray)
     return manifest
 
 
@@ -131,57 +137,55 @@ def _stop(out: OutputDir, exc: Exception) -> None:
     raise JobFailure(f"{reason}\nThe rows committed so far are kept: rerun the same command to resume.") from exc
 
 
-def _shutdown(settings: dict) -> None:
-    if settings["ray"]["shutdown"] and ray.is_initialized():
+def _shutdown(ray_settings: RaySettings) -> None:
+    if ray_settings.shutdown and ray.is_initialized():
         ray.shutdown()
 
 
-def build_dataset(settings: dict, plan: ShardPlan, shards: list[Shard], resume: Resume, model_path: str, adapters: dict,
-                  revision: str | None = None):
+def build_dataset(settings: GenerationSettings, resources: Resources, plan: ShardPlan, shards: list[Shard],
+                  resume: Resume, model_path: str, adapters: AdapterSet, revision: str | None = None):
     from pipeline.generate.engine import GenerationWorker
 
-    engine = settings["engine"]
-    workers = settings["workers"]
-    engine["seed"] = settings["seed"]
+    engine = job_config.engine_config(settings, resources, adapters)
     ds = ray.data.read_datasource(ShardDatasource(plan, shards, resume), override_num_blocks=len(shards))
     prepare = functools.partial(
         _prepare_block,
         model_path=model_path,
-        job_seed=settings["seed"],
-        max_model_len=engine["max_model_len"],
-        date_string=settings["prompt"]["date_string"],
-        ignore_eos=engine["ignore_eos"],
-        adapters=adapters,
-        response_format_json=json.dumps(settings["response_format"]),
+        job_seed=settings.seed,
+        max_model_len=settings.engine.max_model_len,
+        date_string=settings.prompt.date_string,
+        ignore_eos=settings.engine.ignore_eos,
+        adapters=adapters.adapters,
+        response_format_json=json.dumps(settings.response_format),
         revision=revision,
     )
-    ds = ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, num_cpus=settings["prepare"]["num_cpus"])
+    ds = ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, num_cpus=settings.prepare.num_cpus)
     # Ray Data merges a task's outputs into one block, so without this a whole read shard would
     # reach the driver at once: results arrive (and are committed) one engine batch at a time.
-    ds = ds.repartition(target_num_rows_per_block=settings["batch_size"])
+    ds = ds.repartition(target_num_rows_per_block=settings.batch_size)
     ds = ds.map_batches(
         GenerationWorker,
         fn_constructor_kwargs={
             "engine": engine,
             "model_path": model_path,
-            "adapters": adapters,
+            "adapters": adapters.adapters,
             "passthrough": list(plan.passthrough),
             "revision": revision,
         },
         # Several batches per engine at once, each call in its own thread: the worker's engine
         # loop adds each batch's requests as they arrive (pipeline.generate.engine.EngineLoop).
         compute=ray.data.ActorPoolStrategy(
-            size=workers,
-            max_concurrent_calls_per_actor=settings["batches_in_flight"],
-            max_tasks_in_flight_per_actor=settings["batches_in_flight"],
+            size=settings.workers,
+            max_concurrent_calls_per_actor=resources.batches_in_flight,
+            max_tasks_in_flight_per_actor=resources.batches_in_flight,
             enable_true_multi_threading=True,
         ),
-        batch_size=settings["batch_size"],
+        batch_size=settings.batch_size,
         batch_format="pyarrow",
-        num_cpus=engine["num_cpus"],
-        num_gpus=engine["num_gpus"],
-        max_restarts=-1 if settings["retry"]["restart_actors"] else 0,
-        max_task_retries=-1 if settings["retry"]["restart_actors"] else 0,
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus,
+        max_restarts=-1 if settings.retry.restart_actors else 0,
+        max_task_retries=-1 if settings.retry.restart_actors else 0,
     )
     return ds
 
@@ -293,18 +297,17 @@ class InputFileChanged(JobFailure):
     """An input file cannot be read the way planning found it: the job stops, resumable."""
 
 
-def _init_ray(settings: dict) -> None:
+def _init_ray(ray_settings: RaySettings) -> None:
     if ray.is_initialized():
         return
-    ray_cfg = settings["ray"]
-    kwargs = {"address": ray_cfg["address"], "log_to_driver": ray_cfg["log_to_driver"]}
-    if ray_cfg["address"] is None and ray_cfg.get("num_cpus") is not None:
-        kwargs["num_cpus"] = ray_cfg["num_cpus"]
-    env = {"TOKENIZERS_PARALLELISM": "false", **{k: str(v) for k, v in (ray_cfg.get("env") or {}).items()}}
+    kwargs = {"address": ray_settings.address, "log_to_driver": ray_settings.log_to_driver}
+    if ray_settings.address is None and ray_settings.num_cpus is not None:
+        kwargs["num_cpus"] = ray_settings.num_cpus
+    env = {"TOKENIZERS_PARALLELISM": "false", **{k: str(v) for k, v in ray_settings.env.items()}}
     kwargs["runtime_env"] = {"env_vars": env}
     ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(ray_cfg["progress_bars"])
+    ctx.enable_progress_bars = bool(ray_settings.progress_bars)
     ctx.print_on_execution_start = False
 
 

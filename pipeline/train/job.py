@@ -95,6 +95,9 @@ def run(cfg) -> dict:
                 "skipped": dict(skipped),
             },
             "config": s,
+            # The date the chat template was rendered with: generation refuses the adapter under
+            # another, since the system header it learned after would differ.
+            "prompt": {"date_string": s["prompt"]["date_string"]},
             **metrics,
             "served_model_check": match,
             "created": iso_time(time.time()),

@@ -83,5 +83,5 @@ def test_job_on_tiny_awq_with_lora_equals_dequantized_float_model(ray_session, t
     different = [k for k in got if (got[k]["response"], got[k]["error"]) != (expected[k]["response"], expected[k]["error"])]
     assert not different, different[:10]
 
-    settings = json.loads((tmp_path / "out-awq" / "manifest.json").read_text())["config"]
+    settings = json.loads((tmp_path / "out-awq" / "manifest.json").read_text())["settings"]
     assert settings["model"]["path"] == str(awq)

@@ -170,7 +170,7 @@ def test_output_folder_is_not_overwritten_by_accident(generate_job, tmp_path):
         generate_job(good, "seed=5", output=out)
     assert "seed: 0 -> 5" in str(info.value) and "output.overwrite=true" in str(info.value)
     manifest, _ = generate_job(good, "seed=5", "output.overwrite=true", output=out)
-    assert manifest["counts"]["rows_out"] == 1 and manifest["config"]["seed"] == 5
+    assert manifest["counts"]["rows_out"] == 1 and manifest["settings"]["seed"] == 5
 
 
 def test_cli_reports_user_errors_without_traceback(tiny_model_dir, tmp_path):
@@ -180,4 +180,4 @@ def test_cli_reports_user_errors_without_traceback(tiny_model_dir, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert "error: - input: the pattern" in proc.stderr and "Traceback" not in proc.stderr
+    assert "error: invalid input:\n- input: the pattern" in proc.stderr and "Traceback" not in proc.stderr

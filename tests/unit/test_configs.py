@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pipeline.generate.config import ConfigError, generation_settings
+from pipeline.generate.settings import ConfigError, GenerationSettings, resolve_resources
 from tests.conftest import compose
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -14,6 +14,10 @@ MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
 def composed(name, overrides=()):
     return compose(name, overrides)
+
+
+def generation_settings(cfg):
+    return GenerationSettings.from_config(cfg)
 
 
 def test_the_production_model_is_the_default():
@@ -26,9 +30,9 @@ def test_the_production_model_is_the_default():
 @pytest.mark.parametrize("model", MODELS)
 def test_generate_composes_with_every_model(model):
     settings = generation_settings(composed("generate", [f"model={model}"]))
-    assert settings["engine"]["max_model_len"] == settings["model"]["max_model_len"]
-    assert settings["engine"]["dtype"] == settings["model"]["dtype"]
-    assert settings["input"] and settings["output"]["path"].startswith("/")
+    assert settings.engine.max_model_len == settings.model.max_model_len
+    assert settings.engine.dtype == settings.model.dtype
+    assert settings.input and settings.output.path.startswith("/")
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONF.glob("*.yaml")))
@@ -49,22 +53,43 @@ def test_config_errors_are_gathered_and_name_the_setting():
 
 
 def test_device_dependent_settings():
-    from pipeline.generate.config import resolve_device
+    settings = generation_settings(composed("generate", ["model=tiny", "workers=2"]))
+    cpu = resolve_resources(settings, 0, 8, 8)
+    assert cpu.device == "cpu" and cpu.num_gpus == 0 and cpu.num_cpus == 0.5
+    assert cpu.cpu_threads == 4  # the cores shared by the two engines, not Ray's 1
+    assert cpu.batches_in_flight == 5  # 4 x 64 rows fill the CPU engine's 256 sequences, 1 waits
+    assert cpu.kv_cache_gib == 1.0
+    assert settings.engine.kv_cache_gib is None and settings.batches_in_flight is None  # derived, not written back
 
-    cpu = resolve_device(generation_settings(composed("generate", ["model=tiny", "workers=2"])), 0, 8, 8)
-    assert cpu["device"] == "cpu" and cpu["engine"]["num_gpus"] == 0 and cpu["engine"]["num_cpus"] == 0.5
-    assert cpu["engine"]["cpu_threads"] == 4  # the cores shared by the two engines, not Ray's 1
-    assert cpu["batches_in_flight"] == 5  # 4 x 64 rows fill the CPU engine's 256 sequences, 1 waits
-    assert cpu["engine"]["kv_cache_gib"] == 1.0
+    gpu = resolve_resources(generation_settings(composed("generate", ["batch_size=100"])), 8, 128, 128)
+    assert gpu.device == "gpu" and gpu.num_gpus == 1 and gpu.cpu_threads is None
+    assert gpu.batches_in_flight == 12  # ceil(1024 / 100) + 1
 
-    gpu = resolve_device(generation_settings(composed("generate", ["batch_size=100"])), 8, 128, 128)
-    assert gpu["device"] == "gpu" and gpu["engine"]["num_gpus"] == 1 and gpu["engine"].get("cpu_threads") is None
-    assert gpu["batches_in_flight"] == 12  # ceil(1024 / 100) + 1
-
-    fixed = resolve_device(generation_settings(composed("generate", ["model=tiny", "batches_in_flight=2",
-                                                                     "engine.cpu_threads=1"])), 0, 2, 2)
-    assert fixed["batches_in_flight"] == 2 and fixed["engine"]["cpu_threads"] == 1
+    fixed = resolve_resources(generation_settings(composed("generate", ["model=tiny", "batches_in_flight=2",
+                                                                        "engine.cpu_threads=1"])), 0, 2, 2)
+    assert fixed.batches_in_flight == 2 and fixed.cpu_threads == 1
     with pytest.raises(ConfigError, match=r"batches_in_flight: must be an integer >= 1 \(got 0\)"):
         generation_settings(composed("generate", ["batches_in_flight=0"]))
     with pytest.raises(ConfigError, match="no GPU"):
-        resolve_device(generation_settings(composed("generate", ["device=gpu"])), 0)
+        resolve_resources(generation_settings(composed("generate", ["device=gpu"])), 0)
+
+
+def test_settings_are_frozen_and_every_field_is_documented():
+    import dataclasses
+    import inspect
+
+    from pipeline.generate import settings as module
+
+    settings = generation_settings(composed("generate", ["model=tiny"]))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.engine.max_model_len = 1  # type: ignore[misc]
+    source = inspect.getsource(module)
+    for cls in (module.GenerationSettings, module.EngineSettings, module.ModelSettings, module.OutputSettings,
+                module.RaySettings, module.Resources):
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type) or f.name in ("output", "model", "engine", "prompt", "prepare",
+                                                              "read", "retry", "ray", "lora"):
+                continue
+            # a field's docstring: the string literal on the line after its declaration
+            assert f'    {f.name}: ' in source and source.split(f'    {f.name}: ', 1)[1].split("\n", 2)[1].strip().startswith('"""'), \
+                f"{cls.__name__}.{f.name} has no docstring"

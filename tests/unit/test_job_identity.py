@@ -11,18 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.generate.config import (
-    ConfigError,
-    adapters_for,
-    check_inputs_outside_output,
-    fingerprint,
-    generation_settings,
-    model_fingerprint,
-    redacted,
-)
+from pipeline.generate.config import adapters_for, check_inputs_outside_output, fingerprint, model_fingerprint
+from pipeline.generate.settings import ConfigError, ModelSettings, resolve_resources
 from pipeline.generate.planning import plan_shards
 from pipeline.generate.sinks import describe_changes
-from tests.unit.test_configs import composed
+from tests.unit.test_configs import composed, generation_settings
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
@@ -56,8 +49,9 @@ def job(tmp_path):
         s = generation_settings(composed("generate", [
             "model=tiny", f"model.path={model}", "model.build=null", f"input={src}",
             f"output.path={tmp_path / 'out'}", f"lora_root={tmp_path / 'lora'}", *overrides]))
-        plan = plan_shards(s["input"])
-        return fingerprint(s, plan, adapters_for(s, plan), model_fingerprint(s["model"], str(model)))
+        plan = plan_shards(list(s.input))
+        resources = resolve_resources(s, 0, 2, 2)
+        return fingerprint(s, resources, plan, adapters_for(s, plan), model_fingerprint(s.model, str(model)))
 
     return make, tmp_path
 
@@ -108,7 +102,7 @@ def test_a_copy_of_the_model_elsewhere_is_the_same_model(job):
     make, tmp = job
     before = make()["model"]["files"]
     shutil.copytree(tmp / "model", tmp / "copy")
-    assert model_fingerprint({}, str(tmp / "copy"))["files"] == before
+    assert model_fingerprint(ModelSettings(path=str(tmp / "copy")), str(tmp / "copy"))["files"] == before
 
 
 def test_token_changing_settings_change_it(job):
@@ -155,9 +149,9 @@ def test_inputs_inside_the_output_folder_are_refused(tmp_path):
 
 def test_secrets_in_ray_env_are_never_logged_or_written():
     s = generation_settings(composed("generate", ["model=tiny", "+ray.env.HF_TOKEN=hf_secret_value"]))
-    shown = json.dumps(redacted(s))
+    shown = json.dumps(s.record())
     assert "hf_secret_value" not in shown and '"HF_TOKEN": "<redacted>"' in shown
-    assert s["ray"]["env"]["HF_TOKEN"] == "hf_secret_value"  # the workers still get it
+    assert s.ray.env["HF_TOKEN"] == "hf_secret_value"  # the workers still get it
 
 
 def test_a_hub_model_is_identified_by_the_commit_its_revision_resolves_to(tmp_path, monkeypatch):
@@ -176,3 +170,18 @@ def test_a_hub_model_is_identified_by_the_commit_its_revision_resolves_to(tmp_pa
     assert model_identity("org/model", pinned)["commit"] == pinned  # a commit needs no lookup
     with pytest.raises(ModelFileNotFound, match="revision 'v2' is not in the Hugging Face cache and HF_HUB_OFFLINE"):
         model_identity("org/model", "v2")
+
+
+def test_an_adapter_trained_with_another_prompt_date_is_refused_by_name(tmp_path):
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["a"], "lora": ["dated"]}), src)
+    fake_adapter(tmp_path / "lora", "dated", b"w")
+    manifest = tmp_path / "lora" / "dated" / "manifest.json"
+    manifest.write_text(json.dumps({"base_model": {"name": "tiny-llama-3.1"}, "prompt": {"date_string": "1 Jan 2025"}}))
+    s = generation_settings(composed("generate", ["model=tiny", f"input={src}", f"lora_root={tmp_path / 'lora'}"]))
+    adapters = adapters_for(s, plan_shards(list(s.input))).adapters
+    assert adapters["dated"]["reason"] == "other_prompt_date"
+    assert "trained on prompts dated '1 Jan 2025', but this job renders '26 Jul 2024'" in adapters["dated"]["error"]
+    s = generation_settings(composed("generate", ["model=tiny", f"input={src}", f"lora_root={tmp_path / 'lora'}",
+                                                  "prompt.date_string=1 Jan 2025"]))
+    assert "error" not in adapters_for(s, plan_shards(list(s.input))).adapters["dated"]

