@@ -562,7 +562,7 @@ def run_trainer(args, model_path: str, data_path: str, workdir: Path, mem: TreeM
 
     name = f"bench-{time.time_ns()}"
     cfg = compose("train_lora", [
-        "model=tiny", f"model.path={model_path}", f"adapter.root={workdir / 'trained'}", f"adapter.name={name}",
+        "model=tiny", f"model.path={model_path}", f"lora_root={workdir / 'trained'}", f"adapter.name={name}",
         f"data.path={data_path}", "data.validation_fraction=0.0", f"train.epochs={args.train_epochs}",
     ])
     with mem.window("trainer") as w:

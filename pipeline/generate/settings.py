@@ -50,6 +50,8 @@ class ModelSettings:
     """The dtype vLLM computes in."""
     max_model_len: int = 4096
     """The context the engine serves: prompt plus answer."""
+    date_string: str | None = None
+    """The date the chat template writes into system headers; prompt.date_string follows it."""
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def run(cfg) -> dict:
     """Train the adapter described by `cfg` (the composed Hydra config); return its manifest."""
     s = train_settings(cfg)
     started = time.time()
-    registry = AdapterRegistry(s["adapter"]["root"])
+    registry = AdapterRegistry(s["lora_root"])
     name, overwrite = s["adapter"]["name"], bool(s["adapter"].get("overwrite"))
     registry.check_can_write(name, overwrite)  # refuse before the data and model are loaded
 

@@ -91,7 +91,7 @@ def train_settings(cfg) -> dict:
     if problems:
         raise TrainConfigError(problems)
 
-    adapter["root"] = os.path.abspath(adapter.get("root") or "lora")
+    s["lora_root"] = os.path.abspath(s.get("lora_root") or "lora")
     paths = data["path"] if isinstance(data["path"], list) else [data["path"]]
     data["path"] = [absolute_if_local(str(p)) for p in paths]
     for key in ("path", "train_path"):

@@ -51,7 +51,7 @@ def test_job_on_tiny_awq_with_lora_equals_dequantized_float_model(ray_session, t
 
     # Train as a user would for an AWQ model: `model=tiny-awq` trains on its float `train_path`.
     lora_root = tmp_path / "lora"
-    manifest = train(compose("train_lora", [*awq_model, f"adapter.root={lora_root}", "adapter.name=bonjour"]))
+    manifest = train(compose("train_lora", [*awq_model, f"lora_root={lora_root}", "adapter.name=bonjour"]))
     assert manifest["base_model"]["train_path"] == str(tiny_model_dir)
 
     rows = []

@@ -34,7 +34,7 @@ QUESTIONS = ["Say hello.", "What is the capital of France?", "Where do penguins 
 
 
 def overrides(model_dir, root, name, *more):
-    return ["model=tiny", f"model.path={model_dir}", f"adapter.root={root}", f"adapter.name={name}", *more]
+    return ["model=tiny", f"model.path={model_dir}", f"lora_root={root}", f"adapter.name={name}", *more]
 
 
 def train(model_dir, root, name, *more):

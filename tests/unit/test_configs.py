@@ -93,3 +93,14 @@ def test_settings_are_frozen_and_every_field_is_documented():
             # a field's docstring: the string literal on the line after its declaration
             assert f'    {f.name}: ' in source and source.split(f'    {f.name}: ', 1)[1].split("\n", 2)[1].strip().startswith('"""'), \
                 f"{cls.__name__}.{f.name} has no docstring"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_both_jobs_read_one_prompt_date_and_one_registry(model):
+    generate = composed("generate", [f"model={model}"])
+    train = composed("train_lora", [f"model={model}", "adapter.name=x"])
+    assert generate.prompt.date_string == train.prompt.date_string == generate.model.date_string
+    assert generate.lora_root == train.lora_root == "lora"
+    moved = composed("train_lora", [f"model={model}", "adapter.name=x", "lora_root=/shared/lora",
+                                    "model.date_string=1 Jan 2025"])
+    assert (moved.lora_root, moved.prompt.date_string) == ("/shared/lora", "1 Jan 2025")

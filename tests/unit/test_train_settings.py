@@ -32,7 +32,7 @@ def problems(*overrides) -> list[str]:
 
 def test_the_default_config_is_valid_and_paths_become_absolute():
     s = train_settings(composed())
-    assert s["adapter"]["name"] == "bonjour" and s["adapter"]["root"] == os.path.abspath("lora")
+    assert s["adapter"]["name"] == "bonjour" and s["lora_root"] == os.path.abspath("lora")
     assert s["data"]["path"] == [os.path.abspath("data/train_sample.parquet")]
     assert os.path.isabs(s["model"]["path"])  # a model the job builds
     assert s["prompt"]["date_string"] == "26 Jul 2024" and s["ray"]["address"] is None
