@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 # Before anything imports vLLM: engines in this process (bare vLLM) and in Ray workers run in
 # their own process rather than spawning an engine-core subprocess, as the job's workers do.
@@ -403,26 +404,17 @@ def run_bare(args, prepared: list[dict], engine_kwargs: dict, mem: TreeMemory, l
     }
 
 
-@contextlib.contextmanager
-def committed_stream():
-    """Record when the job's driver commits each batch of output rows (time, completion tokens).
-
-    Observation only: wraps `OutputDir.add`, which the job calls once per batch it receives."""
+def committed_stream() -> tuple[list[tuple[float, int]], Callable]:
+    """A list that records when the job's driver takes each batch of output rows for commit (time,
+    completion tokens), and the `on_batch` hook of `pipeline.generate.job.run` that fills it."""
     import pyarrow.compute as pc
 
-    from pipeline.generate import sinks
     stream: list[tuple[float, int]] = []
-    original = sinks.OutputDir.add
 
-    def add(self, table):
+    def on_batch(table) -> None:
         stream.append((time.perf_counter(), int(pc.sum(table.column("completion_tokens")).as_py() or 0)))
-        return original(self, table)
 
-    sinks.OutputDir.add = add
-    try:
-        yield stream
-    finally:
-        sinks.OutputDir.add = original
+    return stream, on_batch
 
 
 def run_job(args, model_path: str, input_path: str, workdir: Path, mem: TreeMemory, label: str, extra=()) -> dict:
@@ -434,9 +426,10 @@ def run_job(args, model_path: str, input_path: str, workdir: Path, mem: TreeMemo
     output = workdir / f"out-{re.sub(r'[^A-Za-z0-9_]+', '-', label)}-{time.time_ns()}"
     cfg = compose("generate", job_overrides(args, model_path, input_path, str(output), extra))
     mem.settle()
-    with mem.window(label) as w, committed_stream() as stream:
+    stream, on_batch = committed_stream()
+    with mem.window(label) as w:
         started = time.perf_counter()
-        manifest = run(cfg)
+        manifest = run(cfg, on_batch=on_batch)
         wall = time.perf_counter() - started
     table = pq.read_table(output / "parts", columns=["id", "response", "completion_tokens", "prompt_tokens", "error"])
     errors = table.column("error").null_count

@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import time
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,10 +42,12 @@ log = logging.getLogger("pipeline.generate.job")
 ROW_BYTES_GUESS = 1024
 
 
-def run(cfg) -> dict:
+def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
     """Run the generation job described by `cfg` (the composed Hydra config); return the manifest.
 
     Rerunning a job into the same output folder resumes it (see `pipeline.generate.sinks`).
+    `on_batch`, if given, sees each batch of output rows as the driver takes it for commit (a
+    benchmark's clock, a progress hook); it must not change the table.
     """
     settings = GenerationSettings.from_config(cfg)
     log.info("settings:\n%s", json.dumps(settings.record(), indent=2))
@@ -91,6 +94,8 @@ def run(cfg) -> dict:
                 try:
                     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                         out.add(batch)
+                        if on_batch is not None:
+                            on_batch(batch)
                         stats.add(batch)
                         progress.update(stats)
                 except Exception as exc:
