@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.model_settings import ModelSettings  # shared with training; importable from here too
 
 
 class ConfigError(UserError):
@@ -26,32 +27,6 @@ class ConfigError(UserError):
 
     def __init__(self, problems: list[str]):
         super().__init__(problems, heading="invalid config:")
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """The model (`conf/model/*.yaml`)."""
-
-    path: str
-    """A Hugging Face hub id or a local folder (absolute once checked)."""
-    name: str | None = None
-    """Short name recorded in manifests and matched against an adapter's base model."""
-    build: str | None = None
-    """null, or `tiny` / `tiny-awq`: build the project's tiny model at `path` if missing."""
-    seed: int = 0
-    """The tiny model's seed: same seed, same files."""
-    train_path: str | None = None
-    """The float weights adapters are trained on (an AWQ model's unquantized original)."""
-    revision: str | None = None
-    """Hub models: the branch, tag or commit (null: main, resolved to a commit at start)."""
-    quantization: str | None = None
-    """Passed to vLLM; null reads it from the checkpoint."""
-    dtype: str = "auto"
-    """The dtype vLLM computes in."""
-    max_model_len: int = 4096
-    """The context the engine serves: prompt plus answer."""
-    date_string: str | None = None
-    """The date the chat template writes into system headers; prompt.date_string follows it."""
 
 
 @dataclass(frozen=True)

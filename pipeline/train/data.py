@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from pipeline.errors import UserError
+from pipeline.train.settings import DataSettings
 
 ROLES = ("system", "user", "assistant", "tool", "ipython")
 SAMPLE_ANSWER = "Bonjour from the adapter!"
@@ -118,7 +119,7 @@ def normalize_messages(value: Any) -> list[dict]:
     return out
 
 
-def conversations_from_rows(rows: Iterable[dict], data: dict) -> tuple[list[list[dict]], Counter]:
+def conversations_from_rows(rows: Iterable[dict], data: DataSettings) -> tuple[list[list[dict]], Counter]:
     """Build each row's conversation; count the rows skipped and why.
 
     A row's conversation is its `messages_column` value, or, where that is null or absent,
@@ -127,9 +128,9 @@ def conversations_from_rows(rows: Iterable[dict], data: dict) -> tuple[list[list
     directly: its `response` column after the request it answered.
     """
     convs, skipped = [], Counter()
-    messages_col, prompt_col = data.get("messages_column"), data.get("prompt_column")
-    response_col = data.get("append_response_column") or data.get("response_column")
-    error_col = data.get("error_column")
+    messages_col, prompt_col = data.messages_column, data.prompt_column
+    response_col = data.append_response_column or data.response_column
+    error_col = data.error_column
     for row in rows:
         if error_col and row.get(error_col):
             skipped["row has an error"] += 1
@@ -155,10 +156,11 @@ def conversations_from_rows(rows: Iterable[dict], data: dict) -> tuple[list[list
     return convs, skipped
 
 
-def data_columns(data: dict) -> list[str]:
+def data_columns(data: DataSettings) -> list[str]:
     """The columns the `data` settings read (the others are never loaded)."""
-    names = ("messages_column", "prompt_column", "response_column", "append_response_column", "error_column")
-    return [data[k] for k in names if data.get(k)]
+    names = (data.messages_column, data.prompt_column, data.response_column, data.append_response_column,
+             data.error_column)
+    return [name for name in names if name]
 
 
 def data_fingerprint(conversations: Sequence[list[dict]]) -> str:

@@ -1,6 +1,6 @@
 """The LoRA training job: chat conversations -> a PEFT LoRA adapter in the registry.
 
-    settings (`settings`) -> rows -> conversations (`data`)
+    settings (`settings.TrainSettings`) -> rows -> conversations (`data`)
       -> render with the model's chat template, tokenize, labels on assistant tokens only (`labels`)
       -> train in-process (`loop`), or with Ray Train's TorchTrainer and DDP over `train.workers`
          (`ray_train`)
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.manifests import iso_time, package_versions
 from pipeline.lora_registry import MANIFEST, AdapterRegistry, check_adapter_matches
+from pipeline.model_settings import ModelSettings
 from pipeline.train.data import (
     DataError,
     conversations_from_rows,
@@ -29,8 +30,8 @@ from pipeline.train.data import (
     split_validation,
 )
 from pipeline.train.labels import prepare_examples
-from pipeline.train.loop import fit
-from pipeline.train.settings import TrainConfigError, base_model_name_or_path, train_settings, training_model_path
+from pipeline.train.loop import FitJob, fit
+from pipeline.train.settings import TrainConfigError, TrainSettings, base_model_name_or_path, training_model_path
 
 log = logging.getLogger("pipeline.train.job")
 
@@ -40,27 +41,27 @@ VERSIONED_PACKAGES = ("torch", "transformers", "peft", "ray", "tokenizers", "pya
 
 def run(cfg) -> dict:
     """Train the adapter described by `cfg` (the composed Hydra config); return its manifest."""
-    s = train_settings(cfg)
+    settings = TrainSettings.from_config(cfg)
     started = time.time()
-    registry = AdapterRegistry(s["lora_root"])
-    name, overwrite = s["adapter"]["name"], bool(s["adapter"].get("overwrite"))
+    registry = AdapterRegistry(settings.lora_root)
+    name, overwrite = settings.adapter.name, settings.adapter.overwrite
     registry.check_can_write(name, overwrite)  # refuse before the data and model are loaded
 
-    data, train, model = s["data"], s["train"], s["model"]
-    if train.get("use_gpu") and train["workers"] == 1:
+    data, train, model = settings.data, settings.train, settings.model
+    if train.use_gpu and train.workers == 1:
         import torch
 
         if not torch.cuda.is_available():
             raise TrainConfigError(["train.use_gpu: true, but torch sees no CUDA GPU here (train.use_gpu=false trains on the CPU)"])
     train_path = training_model_path(model)
-    rows = read_rows(data["path"], data_columns(data), split=data.get("split") or "train", config_name=data.get("config_name"))
-    if data.get("max_rows"):
-        rows = rows[: data["max_rows"]]
+    rows = read_rows(data.path, data_columns(data), split=data.split, config_name=data.config_name)
+    if data.max_rows:
+        rows = rows[: data.max_rows]
     convs, skipped = conversations_from_rows(rows, data)
     if not convs:
-        raise DataError(f"no usable conversation in {len(rows)} rows of {data['path']} (skipped: {dict(skipped)})")
-    train_idx, val_idx = split_validation(len(convs), float(data.get("validation_fraction") or 0.0), train["seed"])
-    examples, dropped, pad_id = prepare_examples(convs, train_path, s["prompt"]["date_string"], train["max_seq_len"])
+        raise DataError(f"no usable conversation in {len(rows)} rows of {list(data.path)} (skipped: {dict(skipped)})")
+    train_idx, val_idx = split_validation(len(convs), data.validation_fraction, train.seed)
+    examples, dropped, pad_id = prepare_examples(convs, train_path, settings.prompt.date_string, train.max_seq_len)
     skipped.update(dropped)
     train_ex = [examples[i] for i in train_idx if examples[i] is not None]
     val_ex = [examples[i] for i in val_idx if examples[i] is not None]
@@ -72,21 +73,21 @@ def run(cfg) -> dict:
         f"; skipped {dict(skipped)}" if skipped else "",
     )
 
-    job = {"train": train, "model_path": train_path, "pad_id": pad_id,
-           "base_model_name_or_path": base_model_name_or_path(model)}
+    job = FitJob(train=train, model_path=train_path, base_model_name_or_path=base_model_name_or_path(model),
+                 pad_id=pad_id)
     with registry.staging(name, overwrite=overwrite) as staging:
-        if train["workers"] > 1:
+        if train.workers > 1:
             from pipeline.train.ray_train import fit_with_ray
 
-            metrics = fit_with_ray(job, train_ex, val_ex, staging, s.get("ray") or {})
+            metrics = fit_with_ray(job, train_ex, val_ex, staging, settings.ray)
         else:
             metrics = fit(job, train_ex, val_ex, out_dir=staging)
         match = _check_served_model(staging, model, train_path)
         manifest = {
             "adapter": name,
-            "base_model": {"name": model.get("name"), "path": model["path"], "train_path": train_path},
+            "base_model": {"name": model.name, "path": model.path, "train_path": train_path},
             "data": {
-                "path": data["path"],
+                "path": list(data.path),
                 "fingerprint": data_fingerprint(convs),
                 "rows": len(rows),
                 "conversations": len(convs),
@@ -94,10 +95,10 @@ def run(cfg) -> dict:
                 "validation_examples": len(val_ex),
                 "skipped": dict(skipped),
             },
-            "config": s,
+            "config": settings.record(),
             # The date the chat template was rendered with: generation refuses the adapter under
             # another, since the system header it learned after would differ.
-            "prompt": {"date_string": s["prompt"]["date_string"]},
+            "prompt": {"date_string": settings.prompt.date_string},
             **metrics,
             "served_model_check": match,
             "created": iso_time(time.time()),
@@ -110,14 +111,14 @@ def run(cfg) -> dict:
     return manifest
 
 
-def _check_served_model(adapter_dir: Path, model: dict, train_path: str) -> dict | None:
+def _check_served_model(adapter_dir: Path, model: ModelSettings, train_path: str) -> dict | None:
     """When the served checkpoint differs from the trained one (AWQ vs float), make sure every
     LoRA target exists there too: vLLM would otherwise refuse the adapter at generation time,
     long after training. Reads only the checkpoint's weight names (a local folder, or the
     index file of a hub model)."""
     from pipeline.model_files import resolve_model_file
 
-    served = model.get("path")
+    served = model.path
     if not served or os.path.abspath(served) == os.path.abspath(train_path):
         return None
     try:

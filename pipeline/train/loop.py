@@ -11,11 +11,28 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.train.labels import IGNORE, Example, label_count
+from pipeline.train.settings import Hyperparameters
 
 log = logging.getLogger("pipeline.train.loop")
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """What `fit` trains: the settings' hyperparameters and what the job derived for this run.
+    Frozen and plain, so it travels to Ray Train's workers unchanged."""
+
+    train: Hyperparameters
+    """The settings' `train` section."""
+    model_path: str
+    """The weights to train: a local folder or a hub id (`settings.training_model_path`)."""
+    base_model_name_or_path: str
+    """What adapter_config.json records as the base model (`settings.base_model_name_or_path`)."""
+    pad_id: int
+    """The tokenizer's padding token id, for collation."""
 
 
 def rank_schedule(n_examples: int, world_size: int, rank: int, batch_size: int, grad_accum: int, seed: int, epoch: int):
@@ -93,32 +110,31 @@ def _loss_module(peft_model):
     return AssistantLoss(peft_model)
 
 
-def fit(job: dict, train_ex: list[Example], val_ex: list[Example], out_dir: Path | None,
+def fit(job: FitJob, train_ex: list[Example], val_ex: list[Example], out_dir: Path | None,
         rank: int = 0, world_size: int = 1, device=None, wrap=None) -> dict:
     """Train a LoRA adapter on this process's share of the examples; write the PEFT files to
     `out_dir` (rank 0 only) and return the run's metrics (the same on every rank).
 
-    `job` holds `train` (the settings' train section), `model_path` (the weights to train),
-    `pad_id` and `base_model_name_or_path` (recorded in adapter_config.json). `wrap` puts the
-    loss module under DDP (Ray Train's `prepare_model`) when several processes train together.
+    `wrap` puts the loss module under DDP (Ray Train's `prepare_model`) when several processes
+    train together.
     """
     import torch
 
-    t = job["train"]
+    t = job.train
     if device is None:
-        device = torch.device("cuda" if t.get("use_gpu") and torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if t.use_gpu and torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()
     if torch.device(device).type == "cpu":
         # As many threads as cores claimed: OpenMP threads spin while waiting, so more threads
         # than free cores (other workers, other jobs) slows training down by an order of magnitude.
-        torch.set_num_threads(max(1, int(t.get("cpus_per_worker", 1))))
+        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     try:
         return _fit(job, train_ex, val_ex, out_dir, rank, world_size, device, wrap)
     finally:
         torch.set_num_threads(threads)
 
 
-def _fit(job, train_ex, val_ex, out_dir, rank, world_size, device, wrap) -> dict:
+def _fit(job: FitJob, train_ex, val_ex, out_dir, rank, world_size, device, wrap) -> dict:
     import contextlib
     from collections import deque
 
@@ -126,39 +142,39 @@ def _fit(job, train_ex, val_ex, out_dir, rank, world_size, device, wrap) -> dict
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, get_scheduler
 
-    t = job["train"]
-    seed = int(t["seed"])
+    t = job.train
+    seed = int(t.seed)
     torch.manual_seed(seed)  # same LoRA initialization on every rank
-    base = AutoModelForCausalLM.from_pretrained(job["model_path"], dtype=getattr(torch, t["dtype"]))
+    base = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=getattr(torch, t.dtype))
     base.config.use_cache = False
-    if t.get("gradient_checkpointing"):
+    if t.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = t["lora"]
-    targets = lora["target_modules"]
+    lora = t.lora
+    targets = lora.target_modules
     peft_model = get_peft_model(base, LoraConfig(
-        r=int(lora["rank"]), lora_alpha=lora["alpha"], lora_dropout=float(lora["dropout"]),
+        r=int(lora.rank), lora_alpha=lora.alpha, lora_dropout=float(lora.dropout),
         target_modules=targets if isinstance(targets, str) else list(targets),
         bias="none", task_type="CAUSAL_LM",
     ))
     # The float checkpoint's local path means nothing on the machines that serve the adapter.
-    peft_model.peft_config["default"].base_model_name_or_path = job["base_model_name_or_path"]
+    peft_model.peft_config["default"].base_model_name_or_path = job.base_model_name_or_path
     module = _loss_module(peft_model).to(device)
     model = wrap(module) if wrap else module
     torch.manual_seed(seed + 1 + rank)  # dropout masks differ per rank, repeatably
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=float(t["lr"]), weight_decay=float(t.get("weight_decay", 0.0)))
-    bs, accum = int(t["batch_size"]), int(t["grad_accum"])
+    opt = torch.optim.AdamW(params, lr=float(t.lr), weight_decay=float(t.weight_decay))
+    bs, accum = int(t.batch_size), int(t.grad_accum)
     steps_per_epoch = len(rank_schedule(len(train_ex), world_size, rank, bs, accum, seed, 0))
-    total = int(t["max_steps"] or t["epochs"] * steps_per_epoch)
-    sched = get_scheduler(t["scheduler"], opt, num_warmup_steps=round(float(t.get("warmup_ratio", 0.0)) * total),
+    total = int(t.max_steps or t.epochs * steps_per_epoch)
+    sched = get_scheduler(t.scheduler, opt, num_warmup_steps=round(float(t.warmup_ratio) * total),
                           num_training_steps=total)
-    pad_id, log_every, clip = job["pad_id"], int(t.get("log_every", 10)), float(t.get("max_grad_norm", 1.0))
+    pad_id, log_every, clip = job.pad_id, int(t.log_every), float(t.max_grad_norm)
     if rank == 0:
         log.info("training %s trainable LoRA parameters (rank %s) on %s: %d examples, %d worker(s), "
                  "%d steps (%d per epoch, %d examples per step per worker)",
-                 f"{trainable:,}", lora["rank"], device, len(train_ex), world_size, total, steps_per_epoch, bs * accum)
+                 f"{trainable:,}", lora.rank, device, len(train_ex), world_size, total, steps_per_epoch, bs * accum)
 
     window: deque = deque(maxlen=max(1, min(steps_per_epoch, total)))  # last epoch's (loss_sum, labels)
     first_loss = None

@@ -15,8 +15,8 @@ from typing import Any
 
 from pipeline.lora_registry import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pipeline.train.labels import Example
-from pipeline.train.loop import fit
-from pipeline.train.settings import TrainConfigError
+from pipeline.train.loop import FitJob, fit
+from pipeline.train.settings import RaySettings, TrainConfigError
 
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 # The checkout's root: Ray's workers import this module by name.
@@ -44,50 +44,51 @@ def _ray_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def fit_with_ray(job: dict, train_ex: list[Example], val_ex: list[Example], staging: Path, ray_cfg: dict) -> dict:
-    """Train on `job["train"]["workers"]` Ray Train workers; the adapter files land in `staging`
-    and rank 0's metrics come back. Starts (and stops) a local Ray unless one is running or
-    `ray.address` names a cluster."""
+def fit_with_ray(job: FitJob, train_ex: list[Example], val_ex: list[Example], staging: Path,
+                 ray_settings: RaySettings) -> dict:
+    """Train on `job.train.workers` Ray Train workers; the adapter files land in `staging` and
+    rank 0's metrics come back. Starts (and stops) a local Ray unless one is running or
+    `ray.address` names a cluster. `job` travels to every worker as it is (frozen)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started_ray = False
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"address": ray_cfg.get("address"), "log_to_driver": True}
-        if ray_cfg.get("address") is None and ray_cfg.get("num_cpus") is not None:
-            kwargs["num_cpus"] = ray_cfg["num_cpus"]
+        kwargs: dict[str, Any] = {"address": ray_settings.address, "log_to_driver": True}
+        if ray_settings.address is None and ray_settings.num_cpus is not None:
+            kwargs["num_cpus"] = ray_settings.num_cpus
         # Workers import this module by name; on a local cluster the checkout may not be
         # installed, so put it on their path (a remote cluster needs the package installed).
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}}
         ray.init(**kwargs)
         started_ray = True
-    t = job["train"]
+    t = job.train
     if started_ray:
         # A local cluster without room for every worker would wait for resources forever.
         have = ray.cluster_resources()
-        need_cpu = int(t["workers"]) * float(t.get("cpus_per_worker", 1))
-        need_gpu = int(t["workers"]) if t.get("use_gpu") else 0
+        need_cpu = int(t.workers) * float(t.cpus_per_worker)
+        need_gpu = int(t.workers) if t.use_gpu else 0
         if need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0):
             ray.shutdown()
             raise TrainConfigError([
-                f"train.workers: {t['workers']} workers need {need_cpu:g} CPUs and {need_gpu} GPUs "
+                f"train.workers: {t.workers} workers need {need_cpu:g} CPUs and {need_gpu} GPUs "
                 f"(train.cpus_per_worker, train.use_gpu); this machine has {have.get('CPU', 0):g} CPUs "
                 f"and {have.get('GPU', 0):g} GPUs"
             ])
     # Ray Train persists rank 0's checkpoint under storage_path; by default a folder inside
     # the staging folder, so it disappears with it. Multi-node clusters need shared storage.
-    storage = ray_cfg.get("storage_path") or str(staging / ".ray")
+    storage = ray_settings.storage_path or str(staging / ".ray")
     try:
         trainer = TorchTrainer(
             _ray_worker,
             train_loop_config={"job": job, "examples": ray.put((train_ex, val_ex))},
             scaling_config=ScalingConfig(
-                num_workers=int(t["workers"]), use_gpu=bool(t.get("use_gpu")),
-                resources_per_worker={"CPU": float(t.get("cpus_per_worker", 1))},
+                num_workers=int(t.workers), use_gpu=bool(t.use_gpu),
+                resources_per_worker={"CPU": float(t.cpus_per_worker)},
             ),
-            torch_config=TorchConfig(backend="nccl" if t.get("use_gpu") else "gloo"),
+            torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
             run_config=RunConfig(name=f"train-lora-{staging.name.lstrip('.')}", storage_path=os.path.abspath(storage)),
         )
         result = trainer.fit()

@@ -1,21 +1,32 @@
-"""The training job's settings: the composed config checked in one place, every problem at once.
+"""The training job's settings, typed: one frozen dataclass per section of `conf/train_lora.yaml`.
+
+`TrainSettings.from_config(cfg)` builds them from the composed Hydra config and checks them in
+one place (`_problems`), collecting every problem into one `TrainConfigError`, each naming the
+setting, its value and how to fix it. Paths are made absolute here, since Ray Train workers run
+elsewhere. Nothing writes into the settings afterwards (they travel to the workers as they are):
+what the job derives from them comes back as values (`training_model_path`,
+`base_model_name_or_path`).
 
 Pure: no torch, PEFT or Ray; `training_model_path` builds the tiny model only when asked to.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.lora_registry import validate_name
+from pipeline.model_settings import ModelSettings
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # float16 would need loss scaling to train stably; bfloat16 has float32's range.
 DTYPES = ("float32", "bfloat16")
+_AWQ_TINY_NEEDS_TRAIN_PATH = "model.train_path: required for the AWQ tiny model (the float tiny model to train on)"
 
 
 class TrainConfigError(UserError):
@@ -25,9 +36,179 @@ class TrainConfigError(UserError):
         super().__init__(problems, heading="invalid config:")
 
 
-def train_settings(cfg) -> dict:
-    """The composed Hydra config as a plain dict, checked; every problem reported at once."""
-    s = _plain(cfg)
+@dataclass(frozen=True)
+class AdapterSettings:
+    """The adapter to write (`adapter:` in conf/train_lora.yaml)."""
+
+    name: str
+    """Its folder name in the registry, and what request rows put in `lora`."""
+    overwrite: bool = False
+    """Replace an adapter of that name already in the registry instead of refusing."""
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The training data and how a row becomes a conversation (`data:`; docs/lora.md)."""
+
+    path: tuple[str, ...]
+    """Parquet files, folders or globs, JSONL files, or `datasets` names (local ones absolute once checked)."""
+    split: str = "train"
+    """`datasets` names only: the split to read."""
+    config_name: str | None = None
+    """`datasets` names only: the dataset's configuration."""
+    messages_column: str | None = "messages"
+    """The conversation ([{role, content}], nested or JSON text)."""
+    prompt_column: str | None = None
+    """Rows whose messages are null or absent: [user: this column]."""
+    response_column: str | None = None
+    """[assistant: this column] appended to the conversation."""
+    append_response_column: str | None = None
+    """The same as response_column (set one): the name that reads right after messages."""
+    error_column: str | None = "error"
+    """Rows with a value here are skipped (the generation job's per-row errors); absent: ignored."""
+    validation_fraction: float = 0.0
+    """Conversations held out for the final validation loss, in [0, 0.5]."""
+    max_rows: int | None = None
+    """Read at most this many rows (null: all)."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The adapter's shape (`train.lora:` in conf/train/*.yaml)."""
+
+    rank: int
+    """LoRA's rank r."""
+    alpha: float
+    """LoRA's scale numerator: updates are scaled by alpha / rank."""
+    dropout: float
+    """Dropout on the LoRA branch's input, in [0, 0.9]."""
+    target_modules: tuple[str, ...] | str
+    """The module names LoRA wraps, or 'all-linear'."""
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """How the adapter is trained (`train:`, conf/train/*.yaml)."""
+
+    lora: LoraSettings
+    """The adapter's shape."""
+    lr: float
+    """AdamW's peak learning rate."""
+    scheduler: str
+    """The learning-rate schedule: linear, cosine, constant or constant_with_warmup."""
+    epochs: int
+    """Passes over the training conversations (unless max_steps ends the run first)."""
+    batch_size: int
+    """Conversations per micro-batch, per worker."""
+    grad_accum: int
+    """Micro-batches per optimizer step."""
+    max_seq_len: int
+    """Tokens per conversation; longer ones are cut (assistant tokens beyond are not learned)."""
+    seed: int
+    """Data order, validation split, LoRA initialization, dropout."""
+    dtype: str
+    """The weights' dtype while training: float32 or bfloat16."""
+    workers: int
+    """Training processes; more than 1 runs Ray Train's TorchTrainer with DDP."""
+    weight_decay: float = 0.0
+    """AdamW's weight decay."""
+    warmup_ratio: float = 0.0
+    """The share of the steps the learning rate warms up over."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this norm (0: no clipping)."""
+    max_steps: int | None = None
+    """Optimizer steps to stop after (null: epochs decide)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, slower."""
+    use_gpu: bool = False
+    """Each worker trains on a GPU."""
+    cpus_per_worker: float = 1
+    """Ray CPUs per worker, and the torch threads a CPU worker computes with."""
+    log_every: int = 10
+    """Optimizer steps between progress lines."""
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """How conversations are rendered (`prompt:`)."""
+
+    date_string: str | None = "26 Jul 2024"
+    """The date Llama 3.1's template writes into the system header: the model's, as generation renders."""
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """The Ray cluster, used only when train.workers > 1 (`ray:`)."""
+
+    address: str | None = None
+    """null: start Ray here; "auto" or ray://host:10001 joins a cluster."""
+    num_cpus: float | None = None
+    """CPUs of a Ray started here (null: all)."""
+    storage_path: str | None = None
+    """Where Ray Train keeps rank 0's checkpoint (null: inside the registry's staging folder)."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The whole job (conf/train_lora.yaml)."""
+
+    adapter: AdapterSettings
+    """The adapter to write."""
+    data: DataSettings
+    """The training data."""
+    train: Hyperparameters
+    """How it is trained."""
+    model: ModelSettings
+    """The model: trained on `train_path` (else `path`), served on `path`."""
+    prompt: PromptSettings = field(default_factory=PromptSettings)
+    """How conversations are rendered."""
+    ray: RaySettings = field(default_factory=RaySettings)
+    """The Ray cluster for several workers."""
+    lora_root: str = "lora"
+    """The adapter registry the adapter is published into (absolute once checked)."""
+
+    @classmethod
+    def from_config(cls, cfg) -> "TrainSettings":
+        """Build and check the settings from the composed Hydra config (or a plain dict, left unchanged)."""
+        s = _plain(cfg)
+        problems = _problems(s)
+        if problems:
+            raise TrainConfigError(problems)
+
+        adapter, data, train, model = (s[k] for k in ("adapter", "data", "train", "model"))
+        paths = data["path"] if isinstance(data["path"], list) else [data["path"]]
+        targets = train["lora"]["target_modules"]
+        model_paths = {key: absolute(model[key]) for key in ("path", "train_path")
+                       if model.get(key) and (model.get("build") or looks_local(model[key]))}
+        return cls(
+            adapter=AdapterSettings(name=str(adapter["name"]), overwrite=bool(adapter.get("overwrite"))),
+            data=_build(DataSettings, {
+                **data,
+                "path": tuple(absolute_if_local(str(p)) for p in paths),
+                "split": data.get("split") or "train",
+                "validation_fraction": float(data.get("validation_fraction") or 0.0),
+            }),
+            train=_build(Hyperparameters, {
+                **train,
+                "lora": _build(LoraSettings, {
+                    **train["lora"], "target_modules": targets if isinstance(targets, str) else tuple(targets)}),
+                "gradient_checkpointing": bool(train.get("gradient_checkpointing")),
+                "use_gpu": bool(train.get("use_gpu")),
+            }),
+            model=_build(ModelSettings, {**model, **model_paths}),
+            prompt=_build(PromptSettings, s.get("prompt") or {}),
+            ray=_build(RaySettings, s.get("ray") or {}),
+            lora_root=absolute(s.get("lora_root") or "lora"),
+        )
+
+    def record(self) -> dict:
+        """The settings as plain JSON data, as the adapter's manifest records them (`config`):
+        the config's own nesting, tuples as lists."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+
+def _problems(s: dict) -> list[str]:
+    """Every problem with the composed config, each naming the setting, its value and the fix."""
     problems: list[str] = []
 
     def need_int(path, value, minimum, optional=False):
@@ -42,7 +223,7 @@ def train_settings(cfg) -> dict:
         if not ok:
             problems.append(f"{path}: must be a number in {'(' if low_open else '['}{low}, {high}] (got {value!r})")
 
-    adapter, data, train, model = (s.setdefault(k, {}) for k in ("adapter", "data", "train", "model"))
+    adapter, data, train, model = (s.get(k) or {} for k in ("adapter", "data", "train", "model"))
     name = adapter.get("name")
     if name in (None, "", "???"):
         problems.append("adapter.name: required: the adapter's name in the registry (e.g. adapter.name=bonjour)")
@@ -67,7 +248,8 @@ def train_settings(cfg) -> dict:
     need_number("train.lora.alpha", lora.get("alpha"), 0, 1e6, low_open=True)
     need_number("train.lora.dropout", lora.get("dropout"), 0.0, 0.9)
     targets = lora.get("target_modules")
-    if not targets or not (isinstance(targets, str) or all(isinstance(t, str) for t in targets)):
+    if not targets or not (isinstance(targets, str)
+                           or (isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets))):
         problems.append(f"train.lora.target_modules: a list of module names, or 'all-linear' (got {targets!r})")
     need_number("train.lr", train.get("lr"), 0.0, 1.0, low_open=True)
     need_number("train.weight_decay", train.get("weight_decay", 0.0), 0.0, 1.0)
@@ -88,18 +270,10 @@ def train_settings(cfg) -> dict:
         problems.append(f"train.dtype: float32 or bfloat16 (got {train.get('dtype')!r})")
     if not model.get("path"):
         problems.append("model.path: required: a Hugging Face model id or a local folder (or pick model=tiny)")
-    if problems:
-        raise TrainConfigError(problems)
+    elif model.get("build") == "tiny-awq" and not model.get("train_path"):
+        problems.append(_AWQ_TINY_NEEDS_TRAIN_PATH)
+    return problems
 
-    s["lora_root"] = os.path.abspath(s.get("lora_root") or "lora")
-    paths = data["path"] if isinstance(data["path"], list) else [data["path"]]
-    data["path"] = [absolute_if_local(str(p)) for p in paths]
-    for key in ("path", "train_path"):
-        if model.get(key) and (model.get("build") or looks_local(model[key])):
-            model[key] = os.path.abspath(model[key])
-    s.setdefault("prompt", {}).setdefault("date_string", "26 Jul 2024")
-    s.setdefault("ray", {})
-    return s
 
 
 def _plain(cfg) -> dict:
@@ -114,28 +288,38 @@ def _plain(cfg) -> dict:
     return json.loads(json.dumps(cfg))
 
 
+def _build(cls, data: dict):
+    """`cls` from the keys of `data` it has fields for (the YAML may carry other keys)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
 def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or os.path.exists(path)
 
 
+def absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
 def absolute_if_local(path: str) -> str:
     if looks_local(path) or glob.has_magic(path):
-        return os.path.abspath(os.path.expanduser(path))
+        return absolute(path)
     return path  # a `datasets` hub name
 
 
-def training_model_path(model: dict) -> str:
+def training_model_path(model: ModelSettings) -> str:
     """The weights to train on: `model.train_path` (the float checkpoint of a quantized model)
     when set, else `model.path`; the project's tiny model is built there first if missing."""
-    path = model.get("train_path") or model["path"]
-    if model.get("build") == "tiny-awq" and not model.get("train_path"):
-        raise TrainConfigError(["model.train_path: required for the AWQ tiny model (the float tiny model to train on)"])
-    if model.get("build") in ("tiny", "tiny-awq"):
+    path = model.train_path or model.path
+    if model.build == "tiny-awq" and not model.train_path:
+        raise TrainConfigError([_AWQ_TINY_NEEDS_TRAIN_PATH])
+    if model.build in ("tiny", "tiny-awq"):
         # The AWQ tiny model is quantized from this same float model, so both builds train
         # on the float one.
         from pipeline.models.tiny_model import ensure_tiny_model
 
-        return str(ensure_tiny_model(path, seed=int(model.get("seed", 0))))
+        return str(ensure_tiny_model(path, seed=int(model.seed)))
     config = Path(path, "config.json")
     if config.is_file() and json.loads(config.read_text()).get("quantization_config"):
         # LoRA gradients need float weights; the adapter then serves on the quantized model.
@@ -146,9 +330,10 @@ def training_model_path(model: dict) -> str:
     return path
 
 
-def base_model_name_or_path(model: dict) -> str:
+def base_model_name_or_path(model: ModelSettings) -> str:
     """What adapter_config.json records as the base model: a hub id says which weights the
     adapter belongs to anywhere; a local path would only mean something on this machine, so
     the model's name stands in for it."""
-    given = model.get("train_path") or model["path"]
-    return model.get("name") or given if looks_local(given) else given
+    given = model.train_path or model.path
+    return model.name or given if looks_local(given) else given
+

@@ -77,15 +77,16 @@ def test_device_dependent_settings():
 def test_settings_are_frozen_and_every_field_is_documented():
     import dataclasses
     import inspect
+    import sys
 
     from pipeline.generate import settings as module
 
     settings = generation_settings(composed("generate", ["model=tiny"]))
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.engine.max_model_len = 1  # type: ignore[misc]
-    source = inspect.getsource(module)
     for cls in (module.GenerationSettings, module.EngineSettings, module.ModelSettings, module.OutputSettings,
                 module.RaySettings, module.Resources):
+        source = inspect.getsource(sys.modules[cls.__module__])  # ModelSettings: pipeline/model_settings.py
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(f.type) or f.name in ("output", "model", "engine", "prompt", "prepare",
                                                               "read", "retry", "ray", "lora"):

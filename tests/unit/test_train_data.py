@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import UserError
+from pipeline.train.settings import DataSettings
 from pipeline.train.data import (
     SAMPLE_ANSWER,
     DataError,
@@ -24,7 +25,7 @@ from pipeline.train.data import (
     write_sample_dataset,
 )
 
-MESSAGES = {"messages_column": "messages", "error_column": "error"}
+MESSAGES = DataSettings(path=("unused.parquet",), messages_column="messages", error_column="error")
 HI = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Héllo"}]
 
 
@@ -94,8 +95,8 @@ def test_a_glob_matching_nothing_is_a_user_error(tmp_path):
 
 
 def test_prompt_rows_with_an_appended_response_and_error_rows_skipped():
-    data = {"messages_column": "messages", "prompt_column": "prompt", "append_response_column": "response",
-            "error_column": "error"}
+    data = DataSettings(path=("unused.parquet",), messages_column="messages", prompt_column="prompt",
+                        append_response_column="response", error_column="error")
     rows = [
         {"prompt": "Q1", "messages": None, "response": "A1", "error": None},
         {"prompt": None, "messages": json.dumps([{"role": "system", "content": "S"}, {"role": "user", "content": "Q2"}]),
@@ -143,5 +144,5 @@ def test_validation_split_is_seeded_disjoint_and_never_empty_or_everything():
 
 
 def test_data_columns_are_the_configured_ones():
-    assert data_columns({"messages_column": "m", "prompt_column": None, "response_column": "",
-                         "append_response_column": "r", "error_column": "e"}) == ["m", "r", "e"]
+    assert data_columns(DataSettings(path=("unused.parquet",), messages_column="m", prompt_column=None,
+                                     response_column="", append_response_column="r", error_column="e")) == ["m", "r", "e"]
