@@ -1,4 +1,5 @@
-"""The model a job runs on (`conf/model/*.yaml`), typed: one frozen dataclass shared by both jobs.
+"""The model a job runs on (`conf/model/*.yaml`) and how its prompts are rendered (`prompt:`), typed:
+frozen dataclasses shared by both jobs.
 
 Generation serves `path`; training trains on `train_path` (an AWQ model's float original) or
 `path`, and records the model in the adapter's manifest. Each job builds it from the composed
@@ -37,3 +38,12 @@ class ModelSettings:
     """The context the engine serves: prompt plus answer."""
     date_string: str | None = None
     """The date the chat template writes into system headers; prompt.date_string follows it."""
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """How conversations are rendered (`prompt:` in both jobs' configs)."""
+
+    date_string: str | None = "26 Jul 2024"
+    """The date Llama 3.1's template writes into the system header (the model's, in both jobs):
+    pinned so that prompts render alike on every day and in training and generation."""

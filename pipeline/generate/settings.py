@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.model_settings import ModelSettings  # shared with training; importable from here too
+from pipeline.model_settings import ModelSettings, PromptSettings
+from pipeline.settings_common import absolute, build, looks_local, to_plain
 
 
 class ConfigError(UserError):
@@ -87,12 +88,6 @@ class OutputSettings:
     """Replace this job's earlier output in `path` instead of refusing or resuming."""
     rows_per_part: int = 1024
     """Rows per committed Parquet part."""
-
-
-@dataclass(frozen=True)
-class PromptSettings:
-    date_string: str | None = "26 Jul 2024"
-    """The date Llama 3.1's template writes into the system header, pinned so reruns render alike."""
 
 
 @dataclass(frozen=True)
@@ -175,19 +170,19 @@ class GenerationSettings:
 
         model = s["model"]
         model_path = model["path"]
-        if model.get("build") or _looks_local(model_path):
-            model_path = _absolute(model_path)
+        if model.get("build") or looks_local(model_path):
+            model_path = absolute(model_path)
             if not model.get("build") and not os.path.isfile(os.path.join(model_path, "config.json")):
                 raise ConfigError([f"model.path: '{model_path}' is not a model folder (no config.json); "
                                    "give a local Hugging Face model folder or a hub id"])
         inputs = [s["input"]] if isinstance(s["input"], str) else list(s["input"])
         engine = dict(s["engine"])
-        engine["lora"] = _build(LoraLimits, engine.get("lora") or {})
+        engine["lora"] = build(LoraLimits, engine.get("lora") or {})
         return cls(
-            input=tuple(_absolute(p) for p in inputs),
-            output=_build(OutputSettings, {**s["output"], "path": _absolute(s["output"]["path"])}),
-            model=_build(ModelSettings, {**model, "path": model_path}),
-            engine=_build(EngineSettings, engine),
+            input=tuple(absolute(p) for p in inputs),
+            output=build(OutputSettings, {**s["output"], "path": absolute(s["output"]["path"])}),
+            model=build(ModelSettings, {**model, "path": model_path}),
+            engine=build(EngineSettings, engine),
             id_column=s.get("id_column"),
             passthrough=tuple(s.get("passthrough") or ()),
             seed=s.get("seed", 0),
@@ -197,12 +192,12 @@ class GenerationSettings:
             device=s.get("device", "auto"),
             response_format=(validate_response_format(s["response_format"])
                              if s.get("response_format") is not None else None),
-            prompt=_build(PromptSettings, s.get("prompt") or {}),
-            lora_root=_absolute(s.get("lora_root") or "lora"),
-            prepare=_build(PrepareSettings, s.get("prepare") or {}),
-            read=_build(ReadSettings, s.get("read") or {}),
-            retry=_build(RetrySettings, s.get("retry") or {}),
-            ray=_build(RaySettings, s.get("ray") or {}),
+            prompt=build(PromptSettings, s.get("prompt") or {}),
+            lora_root=absolute(s.get("lora_root") or "lora"),
+            prepare=build(PrepareSettings, s.get("prepare") or {}),
+            read=build(ReadSettings, s.get("read") or {}),
+            retry=build(RetrySettings, s.get("retry") or {}),
+            ray=build(RaySettings, s.get("ray") or {}),
             progress=bool(s.get("progress", True)),
         )
 
@@ -267,14 +262,6 @@ def resolve_resources(settings: GenerationSettings, cluster_gpus: float, cluster
                      kv_cache_gib=kv_cache, batches_in_flight=batches)
 
 
-def to_plain(cfg) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # plain dicts need no conversion
-        return dict(cfg)
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    return dict(cfg)
 
 
 def _problems(s: dict) -> list[str]:
@@ -356,17 +343,6 @@ def passthrough_problems(names: list[str]) -> list[str]:
     return problems
 
 
-def _build(cls, data: dict):
-    """`cls` from the keys of `data` it has fields for (the YAML may carry comments' keys)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or os.path.exists(path)
 
-
-def _absolute(path: str) -> str:
-    if "://" in str(path):
-        return str(path)
-    return os.path.abspath(os.path.expanduser(str(path)))

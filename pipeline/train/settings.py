@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.lora_registry import validate_name
-from pipeline.model_settings import ModelSettings
+from pipeline.model_settings import ModelSettings, PromptSettings
+from pipeline.settings_common import absolute, build, looks_local, to_plain
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 # float16 would need loss scaling to train stably; bfloat16 has float32's range.
@@ -129,14 +129,6 @@ class Hyperparameters:
 
 
 @dataclass(frozen=True)
-class PromptSettings:
-    """How conversations are rendered (`prompt:`)."""
-
-    date_string: str | None = "26 Jul 2024"
-    """The date Llama 3.1's template writes into the system header: the model's, as generation renders."""
-
-
-@dataclass(frozen=True)
 class RaySettings:
     """The Ray cluster, used only when train.workers > 1 (`ray:`)."""
 
@@ -170,7 +162,7 @@ class TrainSettings:
     @classmethod
     def from_config(cls, cfg) -> "TrainSettings":
         """Build and check the settings from the composed Hydra config (or a plain dict, left unchanged)."""
-        s = _plain(cfg)
+        s = to_plain(cfg)
         problems = _problems(s)
         if problems:
             raise TrainConfigError(problems)
@@ -182,22 +174,22 @@ class TrainSettings:
                        if model.get(key) and (model.get("build") or looks_local(model[key]))}
         return cls(
             adapter=AdapterSettings(name=str(adapter["name"]), overwrite=bool(adapter.get("overwrite"))),
-            data=_build(DataSettings, {
+            data=build(DataSettings, {
                 **data,
                 "path": tuple(absolute_if_local(str(p)) for p in paths),
                 "split": data.get("split") or "train",
                 "validation_fraction": float(data.get("validation_fraction") or 0.0),
             }),
-            train=_build(Hyperparameters, {
+            train=build(Hyperparameters, {
                 **train,
-                "lora": _build(LoraSettings, {
+                "lora": build(LoraSettings, {
                     **train["lora"], "target_modules": targets if isinstance(targets, str) else tuple(targets)}),
                 "gradient_checkpointing": bool(train.get("gradient_checkpointing")),
                 "use_gpu": bool(train.get("use_gpu")),
             }),
-            model=_build(ModelSettings, {**model, **model_paths}),
-            prompt=_build(PromptSettings, s.get("prompt") or {}),
-            ray=_build(RaySettings, s.get("ray") or {}),
+            model=build(ModelSettings, {**model, **model_paths}),
+            prompt=build(PromptSettings, s.get("prompt") or {}),
+            ray=build(RaySettings, s.get("ray") or {}),
             lora_root=absolute(s.get("lora_root") or "lora"),
         )
 
@@ -276,30 +268,12 @@ def _problems(s: dict) -> list[str]:
 
 
 
-def _plain(cfg) -> dict:
-    """A deep copy of `cfg` as plain dicts and lists (a DictConfig resolved)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:
-        pass
-    return json.loads(json.dumps(cfg))
 
 
-def _build(cls, data: dict):
-    """`cls` from the keys of `data` it has fields for (the YAML may carry other keys)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or os.path.exists(path)
 
 
-def absolute(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(str(path)))
 
 
 def absolute_if_local(path: str) -> str:
