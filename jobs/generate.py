@@ -1,21 +1,12 @@
-"""python -m jobs.generate [key=value ...]: the generation job (conf/generate.yaml)."""
+"""python -m jobs.generate [key=value ...]: the generation job (conf/generate.yaml).
 
-import logging
-import sys
+Installed, the same job is the console script `llama-batch-generate`."""
 
-import hydra
+from pathlib import Path
 
-from pipeline.cli import exit_on_user_error
+from pipeline.cli import hydra_entry, run_generate
 
-
-@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
-def main(cfg) -> None:
-    from pipeline.generate.job import run
-
-    with exit_on_user_error():
-        run(cfg)
-
+main = hydra_entry(run_generate, "generate", config_path=str(Path(__file__).resolve().parents[1] / "conf"))
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main())
+    main()

@@ -1,21 +1,12 @@
-"""python -m jobs.train_lora adapter.name=<name> [key=value ...]: train a LoRA adapter (conf/train_lora.yaml)."""
+"""python -m jobs.train_lora adapter.name=<name> [key=value ...]: train a LoRA adapter (conf/train_lora.yaml).
 
-import logging
-import sys
+Installed, the same job is the console script `llama-batch-train`."""
 
-import hydra
+from pathlib import Path
 
-from pipeline.cli import exit_on_user_error
+from pipeline.cli import hydra_entry, run_train
 
-
-@hydra.main(config_path="../conf", config_name="train_lora", version_base="1.3")
-def main(cfg) -> None:
-    from pipeline.train.job import run
-
-    with exit_on_user_error():
-        run(cfg)
-
+main = hydra_entry(run_train, "train_lora", config_path=str(Path(__file__).resolve().parents[1] / "conf"))
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main())
+    main()

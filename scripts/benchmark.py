@@ -955,7 +955,7 @@ def bare_lora_ratios(args, model_path, workdir, mem, input_path, n, names, root)
 
 
 def train_comparison(args, model_path, workdir, mem) -> dict:
-    from pipeline.train.data import write_sample_dataset
+    from data.build_train_sample import write_sample_dataset
 
     data = str(write_sample_dataset(workdir / "train.parquet", n=args.train_rows))
     runs = []

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.models.awq import dequantize_checkpoint, ensure_tiny_awq_model
-from pipeline.train.data import SAMPLE_ANSWER
+from data.build_train_sample import SAMPLE_ANSWER
 
 from tests.integration.conftest import compose
 

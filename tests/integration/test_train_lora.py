@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.lora_registry import AdapterExists, AdapterRegistry, check_adapter_matches, main as registry_cli
-from pipeline.train.data import SAMPLE_ANSWER, write_sample_dataset
+from data.build_train_sample import SAMPLE_ANSWER, write_sample_dataset
 from pipeline.train.job import run
 from pipeline.train.labels import IGNORE
 from pipeline.train.settings import TrainConfigError
@@ -306,7 +306,7 @@ def test_mixed_adapters_and_base_in_one_job_equal_separate_jobs(trained, tmp_pat
     """Two different adapters and the base model, mixed in every batch of one job, give the same
     rows as three jobs that each run one of them."""
     from pipeline.generate.job import run as generate
-    from pipeline.train.data import sample_conversations
+    from data.build_train_sample import sample_conversations
 
     other = "Ciao from the second adapter!"
     convs = [[{**m, "content": other} if m["role"] == "assistant" else m for m in c] for c in sample_conversations(48)]

@@ -12,17 +12,15 @@ import pytest
 
 from pipeline.errors import UserError
 from pipeline.train.settings import DataSettings
+from data.build_train_sample import SAMPLE_ANSWER, sample_conversations, write_sample_dataset
 from pipeline.train.data import (
-    SAMPLE_ANSWER,
     DataError,
     conversations_from_rows,
     data_columns,
     data_fingerprint,
     normalize_messages,
     read_rows,
-    sample_conversations,
     split_validation,
-    write_sample_dataset,
 )
 
 MESSAGES = DataSettings(path=("unused.parquet",), messages_column="messages", error_column="error")
