@@ -4,15 +4,18 @@ Each job runs two ways, on the same configs:
 - in a checkout: `python -m jobs.generate ...` (`jobs/*.py`, configs read from `conf/`);
 - installed: the console scripts `llama-batch-generate` and `llama-batch-train`, anywhere, with the
   configs shipped inside the package (`pipeline.conf`, built from the same `conf/` folder).
+`llama-batch-adapters` (or `python -m pipeline.lora_registry`) lists an adapter registry.
 Both end in the same plain `run(cfg)` of the job's package, wrapped by `exit_on_user_error`.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import logging
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from pipeline.errors import JobFailure, UserError
 
@@ -74,3 +77,47 @@ def generate() -> None:
 def train() -> None:
     """Console script `llama-batch-train`: the LoRA training job."""
     hydra_entry(run_train, "train_lora")()
+
+
+def _fmt_loss(x: Any) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def format_table(adapters: list) -> str:
+    """The registry as a table: one line per adapter (`pipeline.lora_registry.Adapter`)."""
+    header = ("name", "base_model", "rank", "steps", "train_loss", "val_loss", "lora_int_id")
+    rows = [
+        (
+            a.name,
+            str(a.base_model or "-"),
+            str(a.rank if a.rank is not None else "-"),
+            str(a.steps if a.steps is not None else "-"),
+            _fmt_loss(a.train_loss),
+            _fmt_loss(a.validation_loss),
+            str(a.lora_int_id),
+        )
+        for a in adapters
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def adapters(argv: list[str] | None = None) -> int:
+    """Console script `llama-batch-adapters`: the adapters of a registry, as a table or JSON."""
+    from pipeline.lora_registry import AdapterRegistry
+
+    parser = argparse.ArgumentParser(
+        prog="llama-batch-adapters", description="List the LoRA adapters in a registry."
+    )
+    parser.add_argument("--root", default="lora", help="registry folder (default: lora)")
+    parser.add_argument("--json", action="store_true", help="print the manifests as JSON")
+    args = parser.parse_args(argv)
+    found = AdapterRegistry(args.root).list()
+    if args.json:
+        print(json.dumps({a.name: a.manifest for a in found}, indent=2))
+    elif not found:
+        print(f"no adapters in {args.root}/")
+    else:
+        print(format_table(found))
+    return 0

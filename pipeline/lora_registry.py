@@ -15,24 +15,21 @@ importing torch, PEFT or vLLM.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
-import socket
-import struct
 import sys
-import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline import lora_staging
 from pipeline.errors import UserError
+from pipeline.lora_staging import OWNER_FILE, Heartbeat, is_stale, owner_record
 
 MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -51,16 +48,6 @@ _HASH_CHUNK = 1 << 20
 # Always used with fullmatch: `$` would also match before a trailing newline.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _TMP_PREFIX = ".tmp-"
-# Inside a staging folder: which process owns it, so cleanup spares runs in progress.
-_OWNER = ".staging-owner.json"
-
-# While a staging block runs, its owner file's mtime is refreshed this often (seconds).
-HEARTBEAT_S = 30.0
-# A staging folder whose liveness cannot be checked by pid (owner on another host, or
-# owner unknown) is a leftover once its heartbeat is this old (seconds). Generous, so
-# that a slow shared filesystem, a busy node or clock skew between nodes never gets a
-# live run's folder deleted; the cost is only that a crashed run's files linger a while.
-STALE_AFTER_S = 3600.0
 
 
 class AdapterError(UserError):
@@ -207,8 +194,8 @@ def content_hash(adapter_dir: str | os.PathLike) -> str:
 class AdapterRegistry:
     """The adapters under one root folder.
 
-    ``heartbeat_s`` and ``stale_after_s`` override the module's ``HEARTBEAT_S`` and
-    ``STALE_AFTER_S`` for this registry (tests use short ones); ``None`` means the
+    ``heartbeat_s`` and ``stale_after_s`` override ``lora_staging.HEARTBEAT_S`` and
+    ``lora_staging.STALE_AFTER_S`` for this registry (tests use short ones); ``None`` means the
     module value at the time of use.
     """
 
@@ -224,10 +211,10 @@ class AdapterRegistry:
         self.stale_after_s = stale_after_s
 
     def _heartbeat_interval(self) -> float:
-        return HEARTBEAT_S if self.heartbeat_s is None else self.heartbeat_s
+        return lora_staging.HEARTBEAT_S if self.heartbeat_s is None else self.heartbeat_s
 
     def _stale_age(self) -> float:
-        return STALE_AFTER_S if self.stale_after_s is None else self.stale_after_s
+        return lora_staging.STALE_AFTER_S if self.stale_after_s is None else self.stale_after_s
 
     # ---- reading -----------------------------------------------------------------
 
@@ -311,15 +298,15 @@ class AdapterRegistry:
         self.clean_stale()
         tmp = self.root / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex}"
         tmp.mkdir()
-        (tmp / _OWNER).write_text(_owner_record())
-        heartbeat = _Heartbeat(tmp / _OWNER, self._heartbeat_interval())
+        (tmp / OWNER_FILE).write_text(owner_record())
+        heartbeat = Heartbeat(tmp / OWNER_FILE, self._heartbeat_interval())
         heartbeat.start()
         try:
             try:
                 yield tmp
             finally:
                 heartbeat.stop()
-            (tmp / _OWNER).unlink(missing_ok=True)
+            (tmp / OWNER_FILE).unlink(missing_ok=True)
             if not (tmp / MANIFEST).is_file():
                 raise IncompleteAdapter(
                     f"staging for adapter {name!r} finished without writing {MANIFEST}; "
@@ -389,87 +376,10 @@ class AdapterRegistry:
             return removed
         stale_age = self._stale_age()
         for child in self.root.iterdir():
-            if child.name.startswith(_TMP_PREFIX) and child.is_dir() and _is_stale(child, stale_age):
+            if child.name.startswith(_TMP_PREFIX) and child.is_dir() and is_stale(child, stale_age):
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(child)
         return removed
-
-
-def _owner_record() -> str:
-    return json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
-
-
-class _Heartbeat:
-    """Daemon thread that refreshes a staging owner file's mtime at a fixed interval.
-
-    Failures are ignored (a shared filesystem can hiccup; the next beat retries), and a
-    vanished staging folder ends the thread, since there is nothing left to keep alive.
-    A deleted owner file is rewritten while its folder still exists.
-    """
-
-    def __init__(self, owner_file: Path, interval: float):
-        self.owner_file = owner_file
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"lora-staging-heartbeat:{owner_file.parent.name}", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                os.utime(self.owner_file)
-            except FileNotFoundError:
-                if not self.owner_file.parent.is_dir():
-                    return
-                with contextlib.suppress(OSError):
-                    self.owner_file.write_text(_owner_record())
-            except OSError:
-                pass
-
-
-def _is_stale(staging_dir: Path, stale_age: float) -> bool:
-    """Whether `clean_stale` may delete this staging folder (rule in its docstring)."""
-    owner_file = staging_dir / _OWNER
-    try:
-        owner = _read_json(owner_file)
-    except (OSError, ValueError):
-        owner = None
-    host = owner.get("host") if isinstance(owner, dict) else None
-    pid = owner.get("pid") if isinstance(owner, dict) else None
-    if isinstance(host, str) and host:
-        if host != socket.gethostname():
-            return _age(owner_file) > stale_age
-        if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
-            return not _pid_alive(pid)
-    return min(_age(owner_file), _age(staging_dir)) > stale_age
-
-
-def _age(path: Path) -> float:
-    """Seconds since `path` was modified; infinite when it does not exist."""
-    try:
-        return time.time() - path.stat().st_mtime
-    except OSError:
-        return float("inf")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    except OverflowError:
-        return False  # not a pid this system can have
-    return True
 
 
 def _read_json(path: Path) -> dict:
@@ -477,113 +387,7 @@ def _read_json(path: Path) -> dict:
         return json.load(f)
 
 
-# ---- adapter / model compatibility -------------------------------------------------
-
-
-def model_module_names(model_dir: str | os.PathLike) -> set[str]:
-    """Names of the modules that own weights in a local checkpoint.
-
-    Read from ``model.safetensors.index.json`` or the safetensors headers, so it works
-    for float and quantized (AWQ/GPTQ: ``qweight``/``scales``/``qzeros``) checkpoints
-    alike without loading any weights.
-    """
-    model_dir = Path(model_dir)
-    keys: set[str] = set()
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        keys.update(_read_json(index)["weight_map"])
-    else:
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no safetensors weights in {model_dir}")
-        for f in files:
-            keys.update(_safetensors_keys(f))
-    return {k.rsplit(".", 1)[0] for k in keys if "." in k}
-
-
-def _safetensors_keys(path: Path) -> list[str]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return [k for k in header if k != "__metadata__"]
-
-
-@dataclass(frozen=True)
-class AdapterMatch:
-    ok: bool
-    target_modules: tuple[str, ...]
-    missing: tuple[str, ...]
-    matched_modules: int
-
-
-def check_adapter_matches(adapter_dir: str | os.PathLike, model_dir: str | os.PathLike) -> AdapterMatch:
-    """Does every LoRA target module of the adapter exist in the model's checkpoint?
-
-    An adapter trained on float weights is served on the AWQ checkpoint; vLLM applies
-    LoRA to its (quantized) linear layers by module name, so the names must line up.
-    ``missing`` lists targets that match no module of the model.
-    """
-    config = _read_json(Path(adapter_dir) / ADAPTER_CONFIG)
-    targets = config.get("target_modules") or []
-    modules = model_module_names(model_dir)
-    if isinstance(targets, str):
-        if targets == "all-linear":
-            return AdapterMatch(True, (targets,), (), len(modules))
-        # PEFT treats a string as a full-match regex over module names.
-        pattern = re.compile(targets)
-        hits = [m for m in modules if pattern.fullmatch(m)]
-        return AdapterMatch(bool(hits), (targets,), () if hits else (targets,), len(hits))
-    missing, hits = [], 0
-    for target in targets:
-        n = sum(1 for m in modules if m == target or m.endswith("." + target))
-        hits += n
-        if n == 0:
-            missing.append(target)
-    return AdapterMatch(not missing, tuple(sorted(targets)), tuple(missing), hits)
-
-
-# ---- CLI ---------------------------------------------------------------------------
-
-
-def _fmt_loss(x: Any) -> str:
-    return "-" if x is None else f"{x:.4f}"
-
-
-def format_table(adapters: list[Adapter]) -> str:
-    header = ("name", "base_model", "rank", "steps", "train_loss", "val_loss", "lora_int_id")
-    rows = [
-        (
-            a.name,
-            str(a.base_model or "-"),
-            str(a.rank if a.rank is not None else "-"),
-            str(a.steps if a.steps is not None else "-"),
-            _fmt_loss(a.train_loss),
-            _fmt_loss(a.validation_loss),
-            str(a.lora_int_id),
-        )
-        for a in adapters
-    ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="llama-batch-adapters", description="List the LoRA adapters in a registry."
-    )
-    parser.add_argument("--root", default="lora", help="registry folder (default: lora)")
-    parser.add_argument("--json", action="store_true", help="print the manifests as JSON")
-    args = parser.parse_args(argv)
-    adapters = AdapterRegistry(args.root).list()
-    if args.json:
-        print(json.dumps({a.name: a.manifest for a in adapters}, indent=2))
-    elif not adapters:
-        print(f"no adapters in {args.root}/")
-    else:
-        print(format_table(adapters))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.cli import adapters
+
+    sys.exit(adapters())

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from pipeline.manifests import iso_time, package_versions
-from pipeline.lora_registry import MANIFEST, AdapterRegistry, check_adapter_matches
+from pipeline.lora_compat import check_adapter_matches
+from pipeline.lora_registry import MANIFEST, AdapterRegistry
 from pipeline.model_settings import ModelSettings
 from pipeline.train.data import (
     DataError,

@@ -15,7 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.lora_registry import AdapterExists, AdapterRegistry, check_adapter_matches, main as registry_cli
+from pipeline.cli import adapters as registry_cli
+from pipeline.lora_compat import check_adapter_matches
+from pipeline.lora_registry import AdapterExists, AdapterRegistry
 from data.build_train_sample import SAMPLE_ANSWER, write_sample_dataset
 from pipeline.train.job import run
 from pipeline.train.labels import IGNORE

@@ -21,11 +21,11 @@ from pipeline.lora_registry import (
     AdapterRegistry,
     IncompleteAdapter,
     InvalidAdapterName,
-    check_adapter_matches,
     lora_int_id,
-    main,
     validate_name,
 )
+from pipeline.cli import adapters as registry_cli
+from pipeline.lora_compat import check_adapter_matches
 
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -211,14 +211,14 @@ def test_name_taken_while_staging_is_refused_at_publish(tmp_path):
 
 def test_cli_table(tmp_path, capsys):
     reg = AdapterRegistry(tmp_path)
-    assert main(["--root", str(tmp_path)]) == 0
+    assert registry_cli(["--root", str(tmp_path)]) == 0
     assert "no adapters" in capsys.readouterr().out
     add(reg, "bonjour", rank=8, steps=40)
-    assert main(["--root", str(tmp_path)]) == 0
+    assert registry_cli(["--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["name", "base_model", "rank", "steps", "train_loss", "val_loss", "lora_int_id"]
     assert out[1].split() == ["bonjour", "tiny", "8", "40", "0.2500", "0.5000", str(lora_int_id("bonjour"))]
-    assert main(["--root", str(tmp_path), "--json"]) == 0
+    assert registry_cli(["--root", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["bonjour"]["steps"] == 40
 
 
@@ -349,11 +349,11 @@ def test_other_host_with_old_heartbeat_is_removed(tmp_path):
 
 
 def test_other_host_stale_age_is_configurable(tmp_path, monkeypatch):
-    import pipeline.lora_registry as registry_module
+    import pipeline.lora_staging as staging_module
 
     folder = make_staging(tmp_path, {"host": "gpu-node-7", "pid": 1}, age_s=60)
     assert AdapterRegistry(tmp_path, stale_after_s=120).clean_stale() == []
-    monkeypatch.setattr(registry_module, "STALE_AFTER_S", 30)
+    monkeypatch.setattr(staging_module, "STALE_AFTER_S", 30)
     assert AdapterRegistry(tmp_path).clean_stale() == [folder]
 
 
