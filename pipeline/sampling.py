@@ -14,6 +14,10 @@ purpose, identically on every backend (the table is in docs/sampling.md):
 | frequency_penalty  | 0..2                       | -2..2                 | as given                                       |
 | presence_penalty   | 0..2                       | -2..2                 | as given                                       |
 
+Extensions (not in the schema; docs/sampling.md): `stop` and `min_tokens` as vLLM takes them;
+`logprobs: true` asks for the chosen tokens' log-probabilities (vLLM's logprobs=0), `top_logprobs: k`
+for the k most likely alternatives too (vLLM's logprobs=k).
+
 Pure module: no vLLM import; the engine builds `SamplingParams(**kwargs)`.
 """
 
@@ -35,6 +39,15 @@ def row_seed(job_seed: int, row_id: str) -> int:
     the same tokens however the job is split. The result lies in the schema's seed range.
     """
     digest = hashlib.sha256(f"{int(job_seed)}\x00{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**SEED_BITS - 1) + 1
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of answer `sample` of a row seeded `seed` (n answers per row): the row's own seed
+    for the first, so n=1 and the first of n give the same answer; a hash of both for the others."""
+    if sample == 0:
+        return int(seed)
+    digest = hashlib.sha256(f"{int(seed)}\x00#{int(sample)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % (2**SEED_BITS - 1) + 1
 
 
@@ -77,6 +90,12 @@ def sampling_kwargs(request: Request, seed: int, *, ignore_eos: bool = False) ->
         kwargs["presence_penalty"] = request.presence_penalty
     if request.response_format is not None:
         kwargs["structured_outputs"] = dict(request.response_format)
+    if request.stop:
+        kwargs["stop"] = list(request.stop)
+    if request.min_tokens:
+        kwargs["min_tokens"] = request.min_tokens
+    if request.top_logprobs is not None or request.logprobs:
+        kwargs["logprobs"] = request.top_logprobs or 0
     if ignore_eos:
         kwargs["ignore_eos"] = True
     return kwargs

@@ -20,16 +20,23 @@ import jsonschema
 
 from pipeline.errors import UserError
 
-# Every request field the schema defines, plus `response_format` (an extension for labelling
-# jobs: structured output enforced by guided decoding). Input columns with other names are not
-# part of the request: they are ignored, or copied to the output when configured.
+# Every request field the schema defines, plus the extensions (docs/sampling.md, "Extensions"):
+# `response_format` (structured output enforced by guided decoding), `stop`, `min_tokens`,
+# `logprobs` and `top_logprobs` (as vLLM and OpenAI's API take them). Input columns with other
+# names are not part of the request: they are ignored, or copied to the output when configured.
 REQUEST_FIELDS = (
     "prompt", "raw", "messages", "tools", "functions", "image", "stream",
     "max_tokens", "temperature", "top_p", "top_k", "seed",
     "repetition_penalty", "frequency_penalty", "presence_penalty", "lora", "response_format",
+    "stop", "min_tokens", "logprobs", "top_logprobs",
 )
+EXTENSION_FIELDS = ("response_format", "stop", "min_tokens", "logprobs", "top_logprobs")
 # Fields that hold nested data: they may arrive as Arrow nested columns or as JSON text.
 NESTED_FIELDS = ("messages", "tools", "functions", "response_format")
+# Stop strings per request, and the alternatives per position vLLM returns at most (its default
+# max_logprobs; the engine is started with this limit).
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
 MESSAGE_ROLES = ("system", "user", "assistant", "tool", "ipython")
 
 # Deeper JSON than this is refused as a row error: no request needs it, and Python's decoder
@@ -70,6 +77,11 @@ class Request:
     lora: str | None = None
     response_format: dict | None = None  # normalised, see pipeline.response_format.validate_response_format
     stream: bool = False  # accepted; a batch job has nothing to stream
+    # Extensions; None: the row gives none, and the job's setting applies.
+    stop: tuple[str, ...] | None = None
+    min_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
     @property
     def tool_names(self) -> tuple[str, ...]:
@@ -158,6 +170,7 @@ def parse_request(fields: Mapping[str, Any]) -> Request:
 
     problems.extend(_schema_problems(mode, values))
     problems.extend(_extra_problems(mode, values))
+    problems.extend(extension_problems(values))
 
     tools: tuple[dict, ...] = ()
     if mode == "messages" and ("tools" in values or "functions" in values):
@@ -200,6 +213,10 @@ def parse_request(fields: Mapping[str, Any]) -> Request:
         lora=values.get("lora"),
         response_format=response_format,
         stream=bool(values.get("stream", False)),
+        stop=_stop_strings(values["stop"]) if "stop" in values else None,
+        min_tokens=int(values["min_tokens"]) if "min_tokens" in values else None,
+        logprobs=values.get("logprobs"),
+        top_logprobs=int(values["top_logprobs"]) if "top_logprobs" in values else None,
     )
 
 
@@ -308,6 +325,37 @@ def _extra_problems(mode: str, values: dict) -> list[str]:
                         f"messages[{i}].role: must be one of {', '.join(MESSAGE_ROLES)} (got {_short(message['role'])})"
                     )
     return problems
+
+
+def extension_problems(values: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """What is wrong with the extension fields `stop`, `min_tokens`, `logprobs` and
+    `top_logprobs` in `values` (a row's, or the job's with `prefix` ""), one line each."""
+    problems = []
+    if values.get("stop") is not None:
+        stop = values["stop"]
+        strings = [stop] if isinstance(stop, str) else stop
+        if not isinstance(strings, list) or not all(isinstance(x, str) and x for x in strings):
+            problems.append(f"{prefix}stop: must be a non-empty string or a list of them (got {_short(stop)})")
+        elif len(strings) > MAX_STOP_STRINGS:
+            problems.append(f"{prefix}stop: at most {MAX_STOP_STRINGS} strings (got {len(strings)})")
+    for name, low, high in (("min_tokens", 0, None), ("top_logprobs", 0, MAX_TOP_LOGPROBS)):
+        value = values.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < low \
+                or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            problems.append(f"{prefix}{name}: must be an integer {bound} (got {_short(value)})")
+    if values.get("logprobs") is not None and not isinstance(values["logprobs"], bool):
+        problems.append(f"{prefix}logprobs: must be true or false (got {_short(values['logprobs'])})")
+    max_tokens, min_tokens = values.get("max_tokens"), values.get("min_tokens")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in (max_tokens, min_tokens)) and min_tokens > max_tokens:
+        problems.append(f"{prefix}min_tokens: must be <= max_tokens ({max_tokens}) (got {min_tokens})")
+    return problems
+
+
+def _stop_strings(stop: str | list[str]) -> tuple[str, ...]:
+    return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
 def _invalid_text(value: Any, path: str) -> str | None:

@@ -33,9 +33,16 @@ def _ranges(rows: list[int]) -> list[list[int]]:
     return out
 
 
-def check_exactly_once(parts: list[dict], expected_rows: dict[str, int]) -> list[str]:
+def check_exactly_once(
+    parts: list[dict],
+    expected_rows: dict[str, int],
+    per_row: int = 1,
+    selected: dict[str, list[int]] | None = None,
+) -> list[str]:
     """What keeps `parts` (manifest entries, with their inclusive `covers` ranges) from holding
-    rows 0..n-1 of each input file exactly once, n being `expected_rows[file]`; empty if nothing.
+    rows 0..n-1 of each input file exactly `per_row` times (n answers per row), n being
+    `expected_rows[file]`; empty if nothing. With `selected` (file -> row indices: the rows a
+    `limit` picked), only those rows are expected, and any other row is one too many.
 
     Works on ranges, not rows: a boundary sweep over the sorted range ends, so a plan of 10^8
     rows in a few thousand ranges costs a few thousand steps."""
@@ -62,33 +69,45 @@ def check_exactly_once(parts: list[dict], expected_rows: dict[str, int]) -> list
             problems.append(f"{source}: {count} row(s) committed from a file that is not in the plan")
             continue
         n = expected_rows[source]
-        for start, end, times in _coverage(spans, n):
+        if selected is not None:
+            wanted = [tuple(r) for r in _ranges(selected.get(source, []))]
+        else:
+            wanted = [(0, n - 1)] if n else []
+        for start, end, times, expected in _coverage(spans, wanted * per_row, n):
             rows = f"row {start}" if start == end else f"rows {start}-{end}"
+            if times == expected:
+                continue
             if start < 0 or end >= n:
-                if times:
-                    problems.append(f"{source}: {rows} committed, but the plan has rows 0-{n - 1} only")
+                problems.append(f"{source}: {rows} committed, but the plan has rows 0-{n - 1} only")
             elif times == 0:
                 problems.append(f"{source}: {rows} missing")
-            elif times > 1:
-                problems.append(f"{source}: {rows} committed {times} times")
+            elif expected == 0:
+                problems.append(f"{source}: {rows} committed, but not among the rows the plan selected (limit)")
+            else:
+                problems.append(f"{source}: {rows} committed {times} times"
+                                + (f" (expected {expected}: n={per_row})" if per_row > 1 else ""))
     return problems
 
 
-def _coverage(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int, int]]:
-    """Split the rows touched by `spans` and the plan's rows 0..n-1 into maximal inclusive runs
-    [(start, end, times covered)], each run either wholly inside the plan or wholly outside."""
-    delta: dict[int, int] = {0: 0, n: 0}
-    for a, b in spans:
-        delta[a] = delta.get(a, 0) + 1
-        delta[b + 1] = delta.get(b + 1, 0) - 1
+def _coverage(spans: list[tuple[int, int]], wanted: list[tuple[int, int]], n: int) -> list[tuple[int, int, int, int]]:
+    """Split the rows touched by `spans` (what is committed), by `wanted` (what should be, each
+    span once per expected copy) and the plan's rows 0..n-1 into maximal inclusive runs
+    [(start, end, times committed, times expected)], each run wholly inside the plan or outside."""
+    delta: dict[int, list[int]] = {0: [0, 0], n: [0, 0]}
+    for which, group in ((0, spans), (1, wanted)):
+        for a, b in group:
+            delta.setdefault(a, [0, 0])[which] += 1
+            delta.setdefault(b + 1, [0, 0])[which] -= 1
     points = sorted(delta)
-    runs: list[tuple[int, int, int]] = []
-    times = 0
+    runs: list[tuple[int, int, int, int]] = []
+    times = expected = 0
     for here, following in zip(points, points[1:]):
-        times += delta[here]
+        times += delta[here][0]
+        expected += delta[here][1]
         inside = 0 <= here < n
-        if runs and runs[-1][2] == times and runs[-1][1] == here - 1 and (0 <= runs[-1][0] < n) == inside:
-            runs[-1] = (runs[-1][0], following - 1, times)
+        last = runs[-1] if runs else None
+        if last and last[2:] == (times, expected) and last[1] == here - 1 and (0 <= last[0] < n) == inside:
+            runs[-1] = (last[0], following - 1, times, expected)
         else:
-            runs.append((here, following - 1, times))
+            runs.append((here, following - 1, times, expected))
     return runs

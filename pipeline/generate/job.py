@@ -31,8 +31,9 @@ from pipeline.generate.config import AdapterSet
 from pipeline.generate.settings import GenerationSettings, RaySettings, Resources, resolve_resources
 from pipeline.errors import JobFailure, find_failure
 from pipeline.manifests import iso_time, package_versions
-from pipeline.generate.planning import Shard, ShardPlan, plan_shards
-from pipeline.generate.prepare import Preparer, canonical_block, unreadable_block
+from pipeline.generate.planning import Shard, ShardPlan, limit_rows, plan_shards
+from pipeline.generate.prepare import JOB_DEFAULTS, Preparer, canonical_block, unreadable_block
+from pipeline.row_templates import RowTemplate
 from pipeline.generate.sinks import OutputDir, Resume
 from pipeline.generate.stats import RunStats
 
@@ -59,7 +60,11 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
         id_column=settings.id_column,
         passthrough=list(settings.passthrough),
         rows_per_shard=settings.read.rows_per_shard,
+        template_columns=settings.template.columns if settings.template else None,
     )
+    # limit: a preview of `limit` rows, the same ones every run (planning.limit_rows).
+    selected = limit_rows(plan, settings.limit) if settings.limit else None
+    planned_rows = sum(len(r) for r in selected.values()) if selected is not None else plan.total_rows
     job_config.check_inputs_outside_output(plan.files, settings.output.path)
     model = job_config.model_fingerprint(settings.model, model_path)
     adapters = job_config.adapters_for(settings, plan)
@@ -80,17 +85,17 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
             print(f"{out.path} already holds this job's complete output; nothing to do", file=sys.stderr)
             _shutdown(settings.ray)
             return resume.manifest
-        stats = RunStats(total_rows=plan.total_rows)
+        stats = RunStats(total_rows=planned_rows * settings.n)
         for table in out.committed_stats_tables():
             stats.add(table, resumed=True)
         if resume.rows:
-            log.info("resuming: %d of %d rows are already committed", resume.rows, plan.total_rows)
+            log.info("resuming: %d of %d rows are already committed", resume.rows, planned_rows * settings.n)
 
-        remaining = [s for s in plan.shards if len(resume.skip_for(s.source) & set(s.row_range)) < s.num_rows]
+        remaining = [s for s in plan.shards if len(rows_to_skip(s, resume, selected)) < s.num_rows]
         with stats.progress(enabled=settings.progress) as progress:
             if remaining:
                 ds = build_dataset(settings, resolved, plan, remaining, resume, model_path, adapters,
-                                   model.get("commit"))
+                                   model.get("commit"), selected)
                 try:
                     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                         out.add(batch)
@@ -118,6 +123,8 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
                 "throughput": stats.throughput(finished - started),
             },
             expected_rows=plan.rows_in,
+            per_row=settings.n,
+            selected=selected,
         )
     finally:
         out.close()
@@ -147,12 +154,23 @@ def _shutdown(ray_settings: RaySettings) -> None:
         ray.shutdown()
 
 
+def rows_to_skip(shard: Shard, resume: Resume, selected: dict[str, list[int]] | None) -> frozenset[int]:
+    """The rows of `shard` not to generate: committed by an earlier run, or left out by `limit`."""
+    rows = set(shard.row_range)
+    skip = resume.skip_for(shard.source) & rows
+    if selected is not None:
+        skip |= rows - set(selected.get(shard.source, ()))
+    return frozenset(skip)
+
+
 def build_dataset(settings: GenerationSettings, resources: Resources, plan: ShardPlan, shards: list[Shard],
-                  resume: Resume, model_path: str, adapters: AdapterSet, revision: str | None = None):
+                  resume: Resume, model_path: str, adapters: AdapterSet, revision: str | None = None,
+                  selected: dict[str, list[int]] | None = None):
     from pipeline.generate.engine import GenerationWorker
 
     engine = job_config.engine_config(settings, resources, adapters)
-    ds = ray.data.read_datasource(ShardDatasource(plan, shards, resume), override_num_blocks=len(shards))
+    datasource = ShardDatasource(plan, shards, resume, selected, settings.template)
+    ds = ray.data.read_datasource(datasource, override_num_blocks=len(shards))
     prepare = functools.partial(
         _prepare_block,
         model_path=model_path,
@@ -162,6 +180,8 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
         ignore_eos=settings.engine.ignore_eos,
         adapters=adapters.adapters,
         response_format_json=json.dumps(settings.response_format),
+        defaults_json=json.dumps({k: getattr(settings, k) for k in JOB_DEFAULTS}),
+        label_probs=settings.label_probs,
         revision=revision,
     )
     ds = ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, num_cpus=settings.prepare.num_cpus)
@@ -176,9 +196,10 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
             "adapters": adapters.adapters,
             "passthrough": list(plan.passthrough),
             "revision": revision,
+            "samples": settings.n,
         },
         # Several batches per engine at once, each call in its own thread: the worker's engine
-        # loop adds each batch's requests as they arrive (pipeline.generate.engine.EngineLoop).
+        # loop adds each batch's requests as they arrive (pipeline.generate.engine_loop.EngineLoop).
         compute=ray.data.ActorPoolStrategy(
             size=settings.workers,
             max_concurrent_calls_per_actor=resources.batches_in_flight,
@@ -201,7 +222,7 @@ def _prepare_block(block: pa.Table, **kwargs) -> pa.Table:
 
 @functools.lru_cache(maxsize=4)
 def _preparer(model_path, job_seed, max_model_len, date_string, ignore_eos, adapters_json, response_format_json,
-              revision=None) -> Preparer:
+              defaults_json="{}", label_probs=False, revision=None) -> Preparer:
     """One preparer per worker process: the template and tokenizer load once, not per block."""
     from tokenizers import Tokenizer
 
@@ -237,17 +258,22 @@ def _preparer(model_path, job_seed, max_model_len, date_string, ignore_eos, adap
         max_token_chars=max(1, longest),
         special_token_ids=special,
         encode_literal=encode_literal,
+        defaults=json.loads(defaults_json),
+        label_probs=label_probs,
     )
 
 
 class ShardDatasource(Datasource):
     """Reads the planned shards; each read task yields canonical rows (ids + request JSON)."""
 
-    def __init__(self, plan: ShardPlan, shards: list[Shard], resume: Resume):
+    def __init__(self, plan: ShardPlan, shards: list[Shard], resume: Resume,
+                 selected: dict[str, list[int]] | None = None, template: RowTemplate | None = None):
         super().__init__()
         self.plan = plan
         self.shards = shards
         self.resume = resume
+        self.selected = selected
+        self.template = template
 
     def estimate_inmemory_data_size(self):
         return sum(s.num_rows for s in self.shards) * ROW_BYTES_GUESS
@@ -262,7 +288,8 @@ class ShardDatasource(Datasource):
                     self.plan.id_column,
                     self.plan.passthrough,
                     self.plan.passthrough_types,
-                    self.resume.skip_for(shard.source) & set(shard.row_range),
+                    rows_to_skip(shard, self.resume, self.selected),
+                    self.template,
                 ),
                 BlockMetadata(
                     num_rows=shard.num_rows,
@@ -275,7 +302,7 @@ class ShardDatasource(Datasource):
         ]
 
 
-def _read_shard(shard: Shard, id_column, passthrough, passthrough_types, skip):
+def _read_shard(shard: Shard, id_column, passthrough, passthrough_types, skip, template=None):
     try:
         source = pq.ParquetFile(shard.path)
     except (OSError, pa.ArrowException) as exc:
@@ -295,7 +322,7 @@ def _read_shard(shard: Shard, id_column, passthrough, passthrough_types, skip):
         # becomes an error row rather than the job failing or the rows vanishing.
         error = f"rows {shard.first_row}-{shard.first_row + shard.num_rows - 1} of {shard.source}: {exc}"
         return [unreadable_block(shard, error, passthrough, passthrough_types, frozenset(skip))]
-    return [canonical_block(table, shard, id_column, passthrough, passthrough_types, frozenset(skip))]
+    return [canonical_block(table, shard, id_column, passthrough, passthrough_types, frozenset(skip), template)]
 
 
 class InputFileChanged(JobFailure):

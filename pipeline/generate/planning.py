@@ -68,7 +68,8 @@ _TEXT = "text (string or binary)"
 FIELD_KINDS = {
     "prompt": "text", "lora": "text",
     "raw": "boolean", "stream": "boolean",
-    "max_tokens": "integer", "top_k": "integer", "seed": "integer",
+    "max_tokens": "integer", "top_k": "integer", "seed": "integer", "min_tokens": "integer", "top_logprobs": "integer",
+    "logprobs": "boolean", "stop": "stop",
     "temperature": "number", "top_p": "number", "repetition_penalty": "number",
     "frequency_penalty": "number", "presence_penalty": "number",
     "messages": "nested", "tools": "nested", "functions": "nested", "response_format": "nested",
@@ -81,6 +82,7 @@ KIND_ACCEPTS = {
     "number": "integer, floating point or decimal",
     "nested": "JSON text, list, struct or map",
     "image": "binary, text or a list of numbers",
+    "stop": "text (one stop string) or a list of text",
 }
 
 
@@ -132,6 +134,8 @@ def request_column_problem(field: str, t: pa.DataType) -> str | None:
         ok = _is_number(t)
     elif kind == "image":
         ok = _is_text(t) or (_is_list(t) and _is_number(t.value_type))
+    elif kind == "stop":
+        ok = _is_text(t) or (_is_list(t) and (_is_text(t.value_type) or pa.types.is_null(t.value_type)))
     else:
         ok = (_is_text(t) or _is_list(t) or pa.types.is_struct(t) or pa.types.is_map(t)) and _json_leaf_problem(t) is None
         if not ok and (_is_list(t) or pa.types.is_struct(t) or pa.types.is_map(t)):
@@ -177,7 +181,11 @@ def plan_shards(
     id_column: str | None = None,
     passthrough: list[str] | tuple[str, ...] = (),
     rows_per_shard: int = 4096,
+    template_columns: tuple[str, ...] | None = None,
 ) -> ShardPlan:
+    """The input files' rows in shards of whole row groups, with every problem of the files'
+    columns found first. `template_columns`: the columns `prompt.template` names (a template
+    writes the requests, so files need no prompt or messages column); None: no template."""
     files = resolve_inputs(inputs)
     root = os.path.commonpath([os.path.dirname(f) for f in files])
     problems: list[str] = []
@@ -193,7 +201,15 @@ def plan_shards(
             continue
         schema = meta.schema_arrow
         names = set(schema.names)
-        if "prompt" not in names and "messages" not in names:
+        if template_columns is not None:
+            absent = [c for c in template_columns if c not in names]
+            if absent:
+                problems.append(
+                    f"{path}: has no column {', '.join(repr(c) for c in absent)}, which prompt.template names "
+                    f"(columns: {', '.join(schema.names) or 'none'})"
+                )
+                continue
+        elif "prompt" not in names and "messages" not in names:
             problems.append(
                 f"{path}: has neither a 'prompt' nor a 'messages' column (columns: {', '.join(schema.names) or 'none'})"
             )
@@ -214,7 +230,8 @@ def plan_shards(
         for name in passthrough:
             if name in names:
                 column_types.setdefault(name, {}).setdefault(schema.field(name).type, []).append(path)
-        wanted = [n for n in schema.names if n in REQUEST_FIELDS or n == id_column or n in passthrough]
+        wanted = [n for n in schema.names
+                  if n in REQUEST_FIELDS or n == id_column or n in passthrough or n in (template_columns or ())]
         source = os.path.relpath(path, root)
         rows_in[source] = meta.metadata.num_rows
         shards.extend(_split(path, source, meta.metadata, tuple(wanted), rows_per_shard))
@@ -245,6 +262,24 @@ def plan_shards(
         passthrough_types={name: next(iter(by_type)) for name, by_type in column_types.items()},
         rows_in=rows_in,
     )
+
+
+def limit_rows(plan: ShardPlan, limit: int) -> dict[str, list[int]]:
+    """`limit` of the plan's rows for a preview: spread evenly over all rows in file order (row
+    i * total // limit), so every file of a large input shows up and the same rows are picked
+    every time. Input file -> its selected row indices."""
+    total = plan.total_rows
+    picks = [i * total // min(limit, total) for i in range(min(limit, total))]
+    selected: dict[str, list[int]] = {}
+    start = 0
+    sources = iter(plan.rows_in.items())
+    source, rows = next(sources)
+    for pick in picks:
+        while pick >= start + rows:
+            start += rows
+            source, rows = next(sources)
+        selected.setdefault(source, []).append(pick - start)
+    return selected
 
 
 def file_fingerprints(files: list[str], root: str, rows_in: dict[str, int]) -> dict[str, str]:

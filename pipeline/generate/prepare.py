@@ -1,10 +1,12 @@
 """Row flow around the engine, on Arrow tables: input shard -> canonical rows -> engine-ready rows,
 and the output table's schema.
 
-canonical:  `_id, _source, _row, _request` (the request fields as JSON text) + passthrough columns.
+canonical:  `_id, _source, _row, _request` (the request fields as JSON text), `_read_error` (why a row
+            has no request: its stage named) + passthrough columns.
             Every file, whatever its column types (nested or JSON text), gives this one schema,
             so blocks from different files can be batched together.
-prepared:   `_id, _error` + `_prompt_token_ids, _params, _lora, _tools` for rows that can run.
+prepared:   `_id, _error` + `_prompt_token_ids, _params, _lora, _tools, _seed` for rows that can run,
+            and `_choices` (each label's tokens) for rows whose label probabilities are wanted.
 output:     `OUTPUT_SCHEMA` + passthrough columns.
 
 Pure module: pyarrow, jsonschema, jinja2; the tokenizer is passed in as a function.
@@ -21,7 +23,9 @@ from typing import Callable, Sequence
 import pyarrow as pa
 
 from pipeline.generate.planning import Shard, derived_row_id
+from pipeline.generate.samples import LABEL_PROBS_TYPE, LOGPROBS_TYPE
 from pipeline.prompts import ChatTemplate, LiteralSpecialTokens
+from pipeline.row_templates import RowTemplate, TemplateRowError
 from pipeline.sampling import row_seed, sampling_kwargs
 from pipeline.schema import REQUEST_FIELDS, Request, RequestError, parse_request
 
@@ -36,8 +40,11 @@ OUTPUT_SCHEMA = pa.schema(
         ("finish_reason", pa.string()),
         ("error", pa.string()),
         ("seed", pa.int64()),
+        ("sample", pa.int64()),  # which of the row's n answers (0 with n=1)
         ("lora", pa.string()),
         ("tool_parse", pa.string()),
+        ("logprobs", LOGPROBS_TYPE),  # with logprobs / top_logprobs
+        ("label_probs", LABEL_PROBS_TYPE),  # rows with a choice response_format (label_probs=true)
         # Where the row came from: the input file (relative to the inputs' common folder) and the
         # row's index in it. Resuming an interrupted job reads these back from committed parts.
         ("source_file", pa.string()),
@@ -45,7 +52,9 @@ OUTPUT_SCHEMA = pa.schema(
     ]
 )
 CANONICAL = ("_id", "_source", "_row", "_request", "_read_error")
-PREPARED = ("_id", "_error", "_prompt_token_ids", "_params", "_lora", "_tools", "_seed")
+PREPARED = ("_id", "_error", "_prompt_token_ids", "_params", "_lora", "_tools", "_seed", "_choices")
+# The extension fields a job sets for rows that give none of their own (conf/generate.yaml).
+JOB_DEFAULTS = ("stop", "min_tokens", "logprobs", "top_logprobs")
 
 
 def canonical_block(
@@ -55,12 +64,15 @@ def canonical_block(
     passthrough: Sequence[str],
     passthrough_types: dict | None = None,
     skip: frozenset[int] = frozenset(),
+    template: RowTemplate | None = None,
 ) -> pa.Table:
     """A shard's rows with their ids and their request fields folded into one JSON column.
 
     `skip` holds the file row indices already committed by an earlier run of the job. A row
     whose cells cannot be turned into a request (text that is not UTF-8, a map with a repeated
     key, a number JSON cannot hold) gets a `_read_error` of its own; the other rows go on.
+    With a `template`, a row's `messages` are written from its columns (`pipeline.row_templates`);
+    a row the template fails on gets a `template:` error.
     """
     rows = list(range(shard.first_row, shard.first_row + table.num_rows))
     if skip:
@@ -79,10 +91,12 @@ def canonical_block(
                 ids[i] = value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
     present = [f for f in REQUEST_FIELDS if f in table.column_names]
     cells = {f: column_cells(table.column(f)) for f in present}
+    template_cells = {c: column_cells(table.column(c)) for c in (template.columns if template else ())}
     requests: list[str | None] = []
     for i in range(n):
         if read_errors[i] is not None:
             requests.append(None)
+            read_errors[i] = f"unreadable input: {read_errors[i]}"
             continue
         try:
             fields = {}
@@ -92,10 +106,16 @@ def canonical_block(
                     raise ValueError(f"column '{f}': {error}")
                 if value is not None:
                     fields[f] = request_value(f, value)
+            if template is not None and not (template.keep_requests and ("prompt" in fields or "messages" in fields)):
+                fields.pop("prompt", None)
+                fields["messages"] = template.messages(_template_row(template_cells, i))
             requests.append(json.dumps(fields, ensure_ascii=False, allow_nan=True))
+        except TemplateRowError as exc:
+            requests.append(None)
+            read_errors[i] = safe_text(f"template: {exc}")
         except Exception as exc:  # one row's cells, never the shard
             requests.append(None)
-            read_errors[i] = safe_text(_describe(exc))
+            read_errors[i] = safe_text(f"unreadable input: {_describe(exc)}")
     out = {
         "_id": pa.array([safe_text(i) for i in ids], pa.string()),
         "_source": pa.array([shard.source] * n, pa.string()),
@@ -107,6 +127,18 @@ def canonical_block(
     for name in passthrough:
         out[name] = table.column(name) if name in table.column_names else pa.nulls(n, types.get(name, pa.null()))
     return pa.table(out)
+
+
+def _template_row(template_cells: dict[str, tuple[list, list]], i: int) -> dict:
+    """Row `i`'s values of the template's columns, as text, numbers, lists and dicts."""
+    row = {}
+    for name, (values, errors) in template_cells.items():
+        if errors[i] is not None:
+            raise ValueError(f"column '{name}': {errors[i]}")
+        value = values[i]
+        # Text and nested cells as JSON data; other values (numbers, dates) as they are, for Jinja to print.
+        row[name] = _jsonable(value) if isinstance(value, (bytes, bytearray, dict, list, tuple)) else value
+    return row
 
 
 def column_cells(column: pa.ChunkedArray | pa.Array) -> tuple[list, list]:
@@ -191,7 +223,7 @@ def unreadable_block(
         "_source": pa.array([shard.source] * n, pa.string()),
         "_row": pa.array(rows, pa.int64()),
         "_request": pa.nulls(n, pa.string()),
-        "_read_error": pa.array([error] * n, pa.string()),
+        "_read_error": pa.array([f"unreadable input: {error}"] * n, pa.string()),
     }
     for name in passthrough:
         out[name] = pa.nulls(n, passthrough_types.get(name, pa.null()))
@@ -218,6 +250,12 @@ class Preparer:
     # them the rendered text is encoded whole with `encode`.
     special_token_ids: dict[str, int] | None = None
     encode_literal: Callable[[str], list[int]] | None = None
+    # The job's `stop`, `min_tokens`, `logprobs`, `top_logprobs` for rows that give none.
+    defaults: dict = dataclasses.field(default_factory=dict)
+    # Rows with a `choice` response_format get each label's tokens (`_choices`), which the engine
+    # scores: the label's text, then the end of the turn, as the model would answer it.
+    label_probs: bool = False
+    end_of_turn: str = "<|eot_id|>"
 
     def __post_init__(self):
         self.literal = (
@@ -233,7 +271,7 @@ class Preparer:
         cols: dict[str, list] = {k: [] for k in PREPARED}
         for row_id, text, read_error in zip(ids, requests, read_errors):
             if read_error is not None:
-                result = {"_id": row_id, "_error": f"unreadable input: {read_error}"}
+                result = {"_id": row_id, "_error": read_error}
             else:
                 try:
                     result = self.prepare_row(row_id, text)
@@ -251,6 +289,7 @@ class Preparer:
             "_lora": pa.array(cols["_lora"], pa.string()),
             "_tools": pa.array(cols["_tools"], pa.list_(pa.string())),
             "_seed": pa.array(cols["_seed"], pa.int64()),
+            "_choices": pa.array(cols["_choices"], pa.list_(pa.list_(pa.int32()))),
             "_source": block.column("_source"),
             "_row": block.column("_row"),
         }
@@ -278,6 +317,12 @@ class Preparer:
             return {"_id": row_id, "_error": f"invalid request: {type(exc).__name__}: {exc}"}
         if request.response_format is None and self.default_response_format is not None:
             request = dataclasses.replace(request, response_format=self.default_response_format)
+        defaults = {k: v for k, v in self.defaults.items() if v is not None and getattr(request, k) is None}
+        if defaults:
+            request = dataclasses.replace(request, **defaults)
+        if request.min_tokens and request.min_tokens > request.max_tokens:
+            return {"_id": row_id, "_error": f"invalid request: min_tokens ({request.min_tokens}) must be <= "
+                                             f"max_tokens ({request.max_tokens})"}
         seed = request.seed if request.seed is not None else row_seed(self.job_seed, row_id)
         base = {"_id": row_id, "_seed": seed, "_lora": request.lora}
         if request.lora is not None and self.resolve_lora is not None:
@@ -311,7 +356,17 @@ class Preparer:
             "_prompt_token_ids": token_ids,
             "_params": json.dumps(params),
             "_tools": list(request.tool_names),
+            "_choices": self.choice_tokens(request),
         }
+
+    def choice_tokens(self, request: Request) -> list[list[int]] | None:
+        """Each label's tokens as the model would answer with it, or None (no labels to score)."""
+        choices = (request.response_format or {}).get("choice")
+        if not (self.label_probs and choices):
+            return None
+        encode = self.encode_literal or self.encode
+        end = (self.special_token_ids or {}).get(self.end_of_turn)
+        return [encode(c) + ([end] if end is not None else []) for c in choices]
 
     def max_request_chars(self) -> int:
         """Request JSON longer than this cannot fit the context, whatever the tokenizer: checked

@@ -20,7 +20,11 @@ from typing import Any
 
 from pipeline.errors import UserError
 from pipeline.model_settings import ModelSettings, PromptSettings
+from pipeline.row_templates import RowTemplate, template_problems
 from pipeline.settings_common import absolute, build, looks_local, to_plain
+
+# More answers per row than this is a mistake, not a sampling plan: each is an output row.
+MAX_SAMPLES_PER_ROW = 1000
 
 
 class ConfigError(UserError):
@@ -149,6 +153,22 @@ class GenerationSettings:
     """auto, cpu or gpu."""
     response_format: dict | None = None
     """The job's structured-answer format for rows that give none (normalised)."""
+    n: int = 1
+    """Answers per row, each its own output row (id `<id>#<k>`); 1: one row per input row, id unchanged."""
+    stop: tuple[str, ...] | None = None
+    """Strings that end an answer (left out of it), for rows that give no `stop` of their own."""
+    min_tokens: int | None = None
+    """Tokens generated before end of text or a stop string may end an answer (rows without their own)."""
+    logprobs: bool = False
+    """Store each generated token's log-probability (column `logprobs`)."""
+    top_logprobs: int | None = None
+    """With each token, the k most likely alternatives (implies logprobs; at most 20)."""
+    label_probs: bool = True
+    """Rows with a `choice` response_format get each label's probability (column `label_probs`)."""
+    limit: int | None = None
+    """Run only this many rows: the same ones every time, spread over the input files."""
+    template: RowTemplate | None = None
+    """`prompt.template` / `prompt.system`: requests written from the row's columns (null: the rows are requests)."""
     prompt: PromptSettings = field(default_factory=PromptSettings)
     lora_root: str = "lora"
     """The adapter registry a row's `lora` is looked up in (absolute once checked)."""
@@ -178,6 +198,8 @@ class GenerationSettings:
         inputs = [s["input"]] if isinstance(s["input"], str) else list(s["input"])
         engine = dict(s["engine"])
         engine["lora"] = build(LoraLimits, engine.get("lora") or {})
+        prompt = s.get("prompt") or {}
+        stop = s.get("stop")
         return cls(
             input=tuple(absolute(p) for p in inputs),
             output=build(OutputSettings, {**s["output"], "path": absolute(s["output"]["path"])}),
@@ -192,7 +214,16 @@ class GenerationSettings:
             device=s.get("device", "auto"),
             response_format=(validate_response_format(s["response_format"])
                              if s.get("response_format") is not None else None),
-            prompt=build(PromptSettings, s.get("prompt") or {}),
+            n=s.get("n", 1),
+            stop=((stop,) if isinstance(stop, str) else tuple(stop)) if stop is not None else None,
+            min_tokens=s.get("min_tokens"),
+            logprobs=bool(s.get("logprobs", False)),
+            top_logprobs=s.get("top_logprobs"),
+            label_probs=bool(s.get("label_probs", True)),
+            limit=s.get("limit"),
+            template=(RowTemplate(prompt["template"], prompt.get("system"), bool(prompt.get("keep_requests", False)))
+                      if prompt.get("template") is not None else None),
+            prompt=build(PromptSettings, prompt),
             lora_root=absolute(s.get("lora_root") or "lora"),
             prepare=build(PrepareSettings, s.get("prepare") or {}),
             read=build(ReadSettings, s.get("read") or {}),
@@ -311,6 +342,20 @@ def _problems(s: dict) -> list[str]:
         problems.append(f"passthrough: must be a list of column names (got {passthrough!r})")
     else:
         problems.extend(passthrough_problems(passthrough))
+    need_int("n", s.get("n", 1), 1)
+    if isinstance(s.get("n"), int) and s["n"] > MAX_SAMPLES_PER_ROW:
+        problems.append(f"n: at most {MAX_SAMPLES_PER_ROW} answers per row (got {s['n']}); "
+                        "duplicate the input rows for more")
+    if s.get("limit") is not None:
+        need_int("limit", s.get("limit"), 1)
+    for key in ("logprobs", "label_probs"):
+        need_bool(key, s.get(key, False))
+    from pipeline.schema import extension_problems
+
+    problems.extend(extension_problems({k: s.get(k) for k in ("stop", "min_tokens", "top_logprobs")}))
+    prompt = s.get("prompt") or {}
+    problems.extend(template_problems(prompt.get("template"), prompt.get("system")))
+    need_bool("prompt.keep_requests", prompt.get("keep_requests", False))
     if s.get("response_format") is not None:
         from pipeline.response_format import ResponseFormatError, validate_response_format
 

@@ -336,16 +336,18 @@ class OutputDir:
         self._next = index + 1
         return f"{PARTS}/{part_name(index)}"
 
-    def finish(self, manifest: dict, expected_rows: dict[str, int] | None = None) -> dict:
+    def finish(self, manifest: dict, expected_rows: dict[str, int] | None = None, per_row: int = 1,
+               selected: dict[str, list[int]] | None = None) -> dict:
         """Commit what is pending and write `manifest.json`, then release the folder.
 
         `expected_rows` (input file -> its number of rows in the plan), when given, is checked
-        against the parts first: every row committed exactly once, or no manifest is written."""
+        against the parts first: every row committed exactly once (`per_row` times with n answers
+        per row; only the `selected` rows with a limit), or no manifest is written."""
         try:
             self.flush()
             parts = sorted(self.parts, key=lambda p: (part_index(os.path.basename(p["file"])), p["file"]))
             if expected_rows is not None:
-                problems = check_exactly_once(parts, expected_rows)
+                problems = check_exactly_once(parts, expected_rows, per_row, selected)
                 if problems:
                     shown = problems[:_MAX_PROBLEMS]
                     if len(problems) > len(shown):

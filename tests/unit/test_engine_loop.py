@@ -1,4 +1,4 @@
-"""`pipeline.generate.engine.EngineLoop`'s bookkeeping, on a fake engine that records what it runs together.
+"""`pipeline.generate.engine_loop.EngineLoop`'s bookkeeping, on a fake engine that records what it runs together.
 
 The real engine behind the loop is tested through the job (tests/integration); here the point is
 the logic around it: outputs go back to the call that asked, calls overlap in the engine, base and
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pipeline.generate.engine import EngineLoop
+from pipeline.generate.engine_loop import EngineLoop
 
 
 @dataclass
