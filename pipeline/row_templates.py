@@ -21,7 +21,7 @@ Pure module: jinja2 only.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jinja2
 from jinja2 import meta
@@ -45,15 +45,21 @@ class RowTemplate:
     """The system message, as Jinja over the row's columns (null: none)."""
     keep_requests: bool = False
     """Rows whose `prompt` or `messages` is set keep their own request instead of the template."""
+    request_columns: bool = True
+    """Request fields (max_tokens, seed, lora, ...) are read from the row's columns of those names;
+    false: the template alone makes the request (an input that is another job's output, whose
+    `seed`, `lora` and `logprobs` columns describe that job's answers, not this job's requests)."""
+    variables: dict = field(default_factory=dict)
+    """`prompt.vars`: values the templates can use besides the columns (the labels of a recipe)."""
 
     @property
     def columns(self) -> tuple[str, ...]:
         """The input columns the templates name, sorted."""
-        return _columns(self.template, self.system)
+        return tuple(c for c in _columns(self.template, self.system) if c not in self.variables)
 
     def messages(self, row: dict) -> list[dict]:
         """The row's chat messages. `row` maps column names to Python values (null: None)."""
-        values = {k: v for k, v in row.items() if v is not None}
+        values = {**self.variables, **{k: v for k, v in row.items() if v is not None}}
         out = []
         if self.system is not None:
             out.append({"role": "system", "content": _render(self.system, values, "prompt.system")})
@@ -61,9 +67,11 @@ class RowTemplate:
         return out
 
 
-def template_problems(template, system) -> list[str]:
+def template_problems(template, system, variables=None) -> list[str]:
     """What keeps `prompt.template` / `prompt.system` from being used, each naming the setting."""
     problems = []
+    if variables is not None and not isinstance(variables, dict):
+        problems.append(f"prompt.vars: must be a mapping of names to values (got {variables!r})")
     for name, text in (("prompt.template", template), ("prompt.system", system)):
         if text is None:
             continue

@@ -32,7 +32,7 @@ from pipeline.generate.settings import GenerationSettings, RaySettings, Resource
 from pipeline.errors import JobFailure, find_failure
 from pipeline.manifests import iso_time, package_versions
 from pipeline.generate.planning import Shard, ShardPlan, limit_rows, plan_shards
-from pipeline.generate.prepare import JOB_DEFAULTS, Preparer, canonical_block, unreadable_block
+from pipeline.generate.prepare import JOB_DEFAULTS, Preparer, canonical_block, job_request_defaults, unreadable_block
 from pipeline.row_templates import RowTemplate
 from pipeline.generate.sinks import OutputDir, Resume
 from pipeline.generate.stats import RunStats
@@ -61,6 +61,7 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
         passthrough=list(settings.passthrough),
         rows_per_shard=settings.read.rows_per_shard,
         template_columns=settings.template.columns if settings.template else None,
+        request_columns=settings.template.request_columns if settings.template else True,
     )
     # limit: a preview of `limit` rows, the same ones every run (planning.limit_rows).
     selected = limit_rows(plan, settings.limit) if settings.limit else None
@@ -180,7 +181,8 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
         ignore_eos=settings.engine.ignore_eos,
         adapters=adapters.adapters,
         response_format_json=json.dumps(settings.response_format),
-        defaults_json=json.dumps({k: getattr(settings, k) for k in JOB_DEFAULTS}),
+        defaults_json=json.dumps(job_request_defaults(settings.request_defaults,
+                                                      **{k: getattr(settings, k) for k in JOB_DEFAULTS})),
         label_probs=settings.label_probs,
         revision=revision,
     )

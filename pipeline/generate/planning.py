@@ -182,10 +182,13 @@ def plan_shards(
     passthrough: list[str] | tuple[str, ...] = (),
     rows_per_shard: int = 4096,
     template_columns: tuple[str, ...] | None = None,
+    request_columns: bool = True,
 ) -> ShardPlan:
     """The input files' rows in shards of whole row groups, with every problem of the files'
     columns found first. `template_columns`: the columns `prompt.template` names (a template
-    writes the requests, so files need no prompt or messages column); None: no template."""
+    writes the requests, so files need no prompt or messages column); None: no template.
+    `request_columns` false: columns named like request fields are not read (nor checked)."""
+    fields = REQUEST_FIELDS if request_columns else ()
     files = resolve_inputs(inputs)
     root = os.path.commonpath([os.path.dirname(f) for f in files])
     problems: list[str] = []
@@ -217,7 +220,7 @@ def plan_shards(
         if id_column and id_column not in names:
             problems.append(f"{path}: has no id column '{id_column}' (set id_column=null to derive ids from file and row)")
             continue
-        for name in REQUEST_FIELDS:
+        for name in fields:
             if name in names:
                 problem = request_column_problem(name, schema.field(name).type)
                 if problem:
@@ -231,7 +234,7 @@ def plan_shards(
             if name in names:
                 column_types.setdefault(name, {}).setdefault(schema.field(name).type, []).append(path)
         wanted = [n for n in schema.names
-                  if n in REQUEST_FIELDS or n == id_column or n in passthrough or n in (template_columns or ())]
+                  if n in fields or n == id_column or n in passthrough or n in (template_columns or ())]
         source = os.path.relpath(path, root)
         rows_in[source] = meta.metadata.num_rows
         shards.extend(_split(path, source, meta.metadata, tuple(wanted), rows_per_shard))

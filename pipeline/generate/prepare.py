@@ -57,6 +57,14 @@ PREPARED = ("_id", "_error", "_prompt_token_ids", "_params", "_lora", "_tools", 
 JOB_DEFAULTS = ("stop", "min_tokens", "logprobs", "top_logprobs")
 
 
+def job_request_defaults(request_defaults: dict | None, **extensions) -> dict:
+    """The request fields a job gives every row that has none of its own: `request_defaults`
+    (schema fields: temperature, max_tokens, ...), then the job's extension settings."""
+    out = dict(request_defaults or {})
+    out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in extensions.items() if v is not None and v is not False})
+    return out
+
+
 def canonical_block(
     table: pa.Table,
     shard: Shard,
@@ -89,7 +97,8 @@ def canonical_block(
                 read_errors[i] = f"column '{id_column}': {error}"
             elif value is not None:
                 ids[i] = value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
-    present = [f for f in REQUEST_FIELDS if f in table.column_names]
+    present = [f for f in REQUEST_FIELDS if f in table.column_names
+               and (template is None or template.request_columns)]
     cells = {f: column_cells(table.column(f)) for f in present}
     template_cells = {c: column_cells(table.column(c)) for c in (template.columns if template else ())}
     requests: list[str | None] = []
@@ -250,7 +259,8 @@ class Preparer:
     # them the rendered text is encoded whole with `encode`.
     special_token_ids: dict[str, int] | None = None
     encode_literal: Callable[[str], list[int]] | None = None
-    # The job's `stop`, `min_tokens`, `logprobs`, `top_logprobs` for rows that give none.
+    # Request fields for rows that give none of their own: the job's `request_defaults`, `stop`,
+    # `min_tokens`, `logprobs`, `top_logprobs` (validated with the row, as if the row held them).
     defaults: dict = dataclasses.field(default_factory=dict)
     # Rows with a `choice` response_format get each label's tokens (`_choices`), which the engine
     # scores: the label's text, then the end of the turn, as the model would answer it.
@@ -310,16 +320,16 @@ class Preparer:
                 ),
             }
         try:
-            request = parse_request(json.loads(request_json))
+            fields = json.loads(request_json)
+            if self.defaults:  # the job's values for the fields this row does not give
+                fields = {**self.defaults, **{k: v for k, v in fields.items() if v is not None}}
+            request = parse_request(fields)
         except RequestError as exc:
             return {"_id": row_id, "_error": f"invalid request: {exc}"}
         except (ValueError, RecursionError) as exc:
             return {"_id": row_id, "_error": f"invalid request: {type(exc).__name__}: {exc}"}
         if request.response_format is None and self.default_response_format is not None:
             request = dataclasses.replace(request, response_format=self.default_response_format)
-        defaults = {k: v for k, v in self.defaults.items() if v is not None and getattr(request, k) is None}
-        if defaults:
-            request = dataclasses.replace(request, **defaults)
         if request.min_tokens and request.min_tokens > request.max_tokens:
             return {"_id": row_id, "_error": f"invalid request: min_tokens ({request.min_tokens}) must be <= "
                                              f"max_tokens ({request.max_tokens})"}

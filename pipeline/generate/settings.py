@@ -153,6 +153,8 @@ class GenerationSettings:
     """auto, cpu or gpu."""
     response_format: dict | None = None
     """The job's structured-answer format for rows that give none (normalised)."""
+    request_defaults: dict = field(default_factory=dict)
+    """Request fields (temperature, max_tokens, ...) for rows that give none of their own."""
     n: int = 1
     """Answers per row, each its own output row (id `<id>#<k>`); 1: one row per input row, id unchanged."""
     stop: tuple[str, ...] | None = None
@@ -214,6 +216,7 @@ class GenerationSettings:
             device=s.get("device", "auto"),
             response_format=(validate_response_format(s["response_format"])
                              if s.get("response_format") is not None else None),
+            request_defaults=dict(s.get("request_defaults") or {}),
             n=s.get("n", 1),
             stop=((stop,) if isinstance(stop, str) else tuple(stop)) if stop is not None else None,
             min_tokens=s.get("min_tokens"),
@@ -221,7 +224,8 @@ class GenerationSettings:
             top_logprobs=s.get("top_logprobs"),
             label_probs=bool(s.get("label_probs", True)),
             limit=s.get("limit"),
-            template=(RowTemplate(prompt["template"], prompt.get("system"), bool(prompt.get("keep_requests", False)))
+            template=(RowTemplate(prompt["template"], prompt.get("system"), bool(prompt.get("keep_requests", False)),
+                                  bool(prompt.get("request_columns", True)), dict(prompt.get("vars") or {}))
                       if prompt.get("template") is not None else None),
             prompt=build(PromptSettings, prompt),
             lora_root=absolute(s.get("lora_root") or "lora"),
@@ -353,9 +357,11 @@ def _problems(s: dict) -> list[str]:
     from pipeline.schema import extension_problems
 
     problems.extend(extension_problems({k: s.get(k) for k in ("stop", "min_tokens", "top_logprobs")}))
+    problems.extend(request_defaults_problems(s.get("request_defaults")))
     prompt = s.get("prompt") or {}
-    problems.extend(template_problems(prompt.get("template"), prompt.get("system")))
+    problems.extend(template_problems(prompt.get("template"), prompt.get("system"), prompt.get("vars")))
     need_bool("prompt.keep_requests", prompt.get("keep_requests", False))
+    need_bool("prompt.request_columns", prompt.get("request_columns", True))
     if s.get("response_format") is not None:
         from pipeline.response_format import ResponseFormatError, validate_response_format
 
@@ -363,6 +369,34 @@ def _problems(s: dict) -> list[str]:
             validate_response_format(s["response_format"])
         except ResponseFormatError as exc:
             problems.extend(f"response_format: {p}" for p in exc.problems)
+    return problems
+
+
+# What a job-wide default may not set: what the request is, rather than how it is answered.
+_NOT_DEFAULTS = ("prompt", "messages", "raw", "image", "tools", "functions", "response_format")
+
+
+def request_defaults_problems(defaults) -> list[str]:
+    """`request_defaults` checked as the schema checks a row's fields (on a stand-in prompt)."""
+    if defaults is None:
+        return []
+    if not isinstance(defaults, dict):
+        return [f"request_defaults: must be a mapping of request fields, e.g. {{temperature: 0, max_tokens: 16}} "
+                f"(got {defaults!r})"]
+    from pipeline.schema import REQUEST_FIELDS, RequestError, parse_request
+
+    problems = []
+    for key in defaults:
+        if key in _NOT_DEFAULTS:
+            problems.append(f"request_defaults.{key}: not a default: set it per row"
+                            + (" (or response_format for the whole job)" if key == "response_format" else ""))
+        elif key not in REQUEST_FIELDS:
+            problems.append(f"request_defaults.{key}: not a request field (fields: {', '.join(REQUEST_FIELDS)})")
+    if not problems:
+        try:
+            parse_request({"prompt": "-", **defaults})
+        except RequestError as exc:
+            problems.extend(f"request_defaults.{p}" for p in exc.problems)
     return problems
 
 
