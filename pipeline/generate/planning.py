@@ -268,14 +268,14 @@ def plan_shards(
 
 
 def limit_rows(plan: ShardPlan, limit: int) -> dict[str, list[int]]:
-    """`limit` of the plan's rows for a preview: spread evenly over all rows in file order (row
-    i * total // limit), so every file of a large input shows up and the same rows are picked
-    every time. Input file -> its selected row indices."""
+    """`limit` of the plan's rows for a preview: spread evenly over all rows, files in name order
+    (row i * total // limit), so every file of a large input shows up and the same rows are
+    picked every time, whatever the order the inputs were given in. Input file -> its row indices."""
     total = plan.total_rows
     picks = [i * total // min(limit, total) for i in range(min(limit, total))]
     selected: dict[str, list[int]] = {}
     start = 0
-    sources = iter(plan.rows_in.items())
+    sources = iter(sorted(plan.rows_in.items()))
     source, rows = next(sources)
     for pick in picks:
         while pick >= start + rows:

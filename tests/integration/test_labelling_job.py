@@ -85,3 +85,99 @@ def test_logprobs_and_n_answers_per_row_with_resume(job, prompts_file, tmp_path)
     manifest = job(prompts_file, resumed, "n=3", "batch_size=4", "output.rows_per_part=12")
     assert manifest["counts"]["rows_resumed"] == committed
     assert rows_of(resumed) == answers
+
+
+def test_template_label_job_equals_the_same_requests_written_out(job, tmp_path):
+    """A template over a plain column gives the rows the same answers as the requests it stands for;
+    label probabilities sum to 1 over the labels; a null the template needs is that row's error."""
+    texts = ["Great phone", "Broke in a day", None, "Okay for the price", "Love it", "Never again"]
+    plain = tmp_path / "reviews.parquet"
+    pq.write_table(pa.table({"uid": [f"r{i}" for i in range(6)], "text": texts}), plain)
+    template = "Label this review: {{ text }}"
+    labels = ["positive", "negative", "neutral"]
+    written = tmp_path / "requests.parquet"
+    pq.write_table(pa.table({
+        "uid": [f"r{i}" for i in range(6)],
+        "messages": [json.dumps([{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": f"Label this review: {t}"}]) for t in texts],
+    }), written)
+    common = ["id_column=uid", f"response_format={{type: choice, choices: [{', '.join(labels)}]}}",
+              "request_defaults={temperature: 0.8, max_tokens: 8}"]
+    job(plain, tmp_path / "templated", *common, f"prompt.template='{template}'", "prompt.system='Be brief.'",
+        "passthrough=[text]")
+    job(written, tmp_path / "written", *common)
+    templated, explicit = rows_of(tmp_path / "templated"), rows_of(tmp_path / "written")
+    assert templated["r2"]["error"] == "template: column 'text' is null or missing in this row (prompt.template)"
+    for uid in ("r0", "r1", "r3", "r4", "r5"):
+        t, e = templated[uid], explicit[uid]
+        assert t["error"] is None and t["response"] in labels and t["text"] == texts[int(uid[1:])]
+        assert (t["response"], t["seed"], t["prompt_tokens"]) == (e["response"], e["seed"], e["prompt_tokens"])
+        assert [p["label"] for p in t["label_probs"]] == labels
+        assert abs(sum(p["prob"] for p in t["label_probs"]) - 1) < 1e-9
+        assert t["label_probs"] == e["label_probs"]
+
+
+def test_stop_strings_min_tokens_and_limit(job, tmp_path):
+    """A stop string ends the answer right before it (same seed, same tokens up to there);
+    min_tokens keeps answers from ending early; limit runs the same spread-out rows every time."""
+    seeds = [1000 + i for i in range(len(PROMPTS))]
+    base = tmp_path / "base.parquet"
+    pq.write_table(pa.table({"prompt": PROMPTS, "seed": seeds}), base)
+    defaults = "request_defaults={temperature: 1.0, max_tokens: 24}"
+    job(base, tmp_path / "free", defaults)
+    answers = {r["source_row"]: r for r in rows_of(tmp_path / "free").values()}
+    # Text from the middle of an answer: the same seeded answer must end right before its first occurrence.
+    stops = {i: r["response"][6:9] for i, r in answers.items() if len(r["response"]) > 12}
+    assert len(stops) >= 4
+    stop_column = [stops.get(i) for i in range(len(PROMPTS))]
+    with_stop = tmp_path / "stop.parquet"
+    pq.write_table(pa.table({"prompt": PROMPTS, "seed": seeds, "stop": stop_column,
+                             "min_tokens": [None if s else 20 for s in stop_column]}), with_stop)
+    job(with_stop, tmp_path / "stopped", defaults)
+    stopped = {r["source_row"]: r for r in rows_of(tmp_path / "stopped").values()}
+    assert set(stopped) == set(answers)
+    for i, stop in stops.items():
+        full = answers[i]["response"]
+        assert stopped[i]["response"] == full[: full.index(stop)], i
+        assert stopped[i]["finish_reason"] == "stop"
+    for i in set(answers) - set(stops):
+        assert stopped[i]["completion_tokens"] >= 20
+
+    first, second = tmp_path / "preview1", tmp_path / "preview2"
+    job(f"[{base},{with_stop}]", first, "limit=5")
+    job(f"[{with_stop},{base}]", second, "limit=5")
+    preview = rows_of(first)
+    assert len(preview) == 5 and {r["source_file"] for r in preview.values()} == {"base.parquet", "stop.parquet"}
+    assert sorted(preview) == sorted(rows_of(second))
+
+
+def test_recipes_from_the_readme(tiny_model_dir, tmp_path):
+    """recipe=label on the sample reviews, recipe=synthesize on the sample topics, and recipe=judge
+    over the synthesized answers, as the README runs them."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    common = ["model=tiny", f"model.path={tiny_model_dir}", "engine.kv_cache_gib=0.25", "ray.num_cpus=2"]
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "jobs.generate", *common, *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    labels, synth, judged = tmp_path / "labels", tmp_path / "synth", tmp_path / "judged"
+    cli("recipe=label", "input=data/reviews.parquet", f"output.path={labels}", "limit=12")
+    rows = rows_of(labels)
+    assert len(rows) == 12 and all(r["response"] in ("positive", "negative", "neutral") for r in rows.values())
+    assert all(abs(sum(p["prob"] for p in r["label_probs"]) - 1) < 1e-9 for r in rows.values())
+
+    cli("recipe=synthesize", "input=data/topics.parquet", f"output.path={synth}", "n=2", "limit=4",
+        "request_defaults.max_tokens=16")
+    answers = rows_of(synth)
+    assert len(answers) == 8 and all(r["topic"] and r["id"].endswith(("#0", "#1")) for r in answers.values())
+
+    cli("recipe=judge", f"input={synth}/parts", f"output.path={judged}", "request_defaults.max_tokens=48")
+    verdicts = rows_of(judged)
+    assert set(verdicts) == set(answers)  # the first job's ids, joined on
+    for r in verdicts.values():
+        assert r["topic"] == answers[r["id"]]["topic"]
+        if r["finish_reason"] == "stop":
+            verdict = json.loads(r["response"])
+            assert 1 <= verdict["score"] <= 5 and isinstance(verdict["reason"], str)
