@@ -172,20 +172,7 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
     engine = job_config.engine_config(settings, resources, adapters)
     datasource = ShardDatasource(plan, shards, resume, selected, settings.template)
     ds = ray.data.read_datasource(datasource, override_num_blocks=len(shards))
-    prepare = functools.partial(
-        _prepare_block,
-        model_path=model_path,
-        job_seed=settings.seed,
-        max_model_len=settings.engine.max_model_len,
-        date_string=settings.prompt.date_string,
-        ignore_eos=settings.engine.ignore_eos,
-        adapters=adapters.adapters,
-        response_format_json=json.dumps(settings.response_format),
-        defaults_json=json.dumps(job_request_defaults(settings.request_defaults,
-                                                      **{k: getattr(settings, k) for k in JOB_DEFAULTS})),
-        label_probs=settings.label_probs,
-        revision=revision,
-    )
+    prepare = functools.partial(_prepare_block, **_preparer_args(settings, model_path, adapters, revision))
     ds = ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, num_cpus=settings.prepare.num_cpus)
     # Ray Data merges a task's outputs into one block, so without this a whole read shard would
     # reach the driver at once: results arrive (and are committed) one engine batch at a time.
@@ -218,8 +205,32 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
     return ds
 
 
+def preparer_for(settings: GenerationSettings, model_path: str, adapters: AdapterSet | None = None,
+                 revision: str | None = None) -> Preparer:
+    """The `Preparer` the job's prepare tasks use for `settings`: the same template, tokenizer,
+    seeds and sampling parameters, for a caller that feeds an engine without the job (a benchmark)."""
+    return _preparer(**_preparer_args(settings, model_path, adapters or AdapterSet(), revision))
+
+
+def _preparer_args(settings: GenerationSettings, model_path: str, adapters: AdapterSet, revision: str | None) -> dict:
+    # Plain, hashable values: they travel to every prepare task and key the preparer's cache there.
+    return {
+        "model_path": model_path,
+        "job_seed": settings.seed,
+        "max_model_len": settings.engine.max_model_len,
+        "date_string": settings.prompt.date_string,
+        "ignore_eos": settings.engine.ignore_eos,
+        "adapters_json": json.dumps(adapters.adapters, sort_keys=True),
+        "response_format_json": json.dumps(settings.response_format),
+        "defaults_json": json.dumps(job_request_defaults(settings.request_defaults,
+                                                         **{k: getattr(settings, k) for k in JOB_DEFAULTS})),
+        "label_probs": settings.label_probs,
+        "revision": revision,
+    }
+
+
 def _prepare_block(block: pa.Table, **kwargs) -> pa.Table:
-    return _preparer(**{k: v for k, v in kwargs.items() if k != "adapters"}, adapters_json=json.dumps(kwargs["adapters"], sort_keys=True)).prepare_block(block)
+    return _preparer(**kwargs).prepare_block(block)
 
 
 @functools.lru_cache(maxsize=4)

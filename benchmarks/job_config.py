@@ -1,0 +1,72 @@
+"""The job's configuration for a benchmark run, and what the other contenders take from it.
+
+Every contender is configured from the job's own settings (`conf/generate.yaml` with `model=tiny`,
+`engine.ignore_eos=true` and the benchmark's engine sizes), so that bare vLLM and Ray Data LLM run
+the engine the job's workers would run on this machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.generate.settings import GenerationSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose(config_name: str, overrides: list[str]):
+    """The project's Hydra config `config_name` (conf/) with `overrides`, as the job's entry point
+    would compose it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def job_overrides(args, model_path: str, input_path: str, output: str, extra=()) -> list[str]:
+    """The job's Hydra overrides for the benchmark's flags (`args`), then `--job-set`, then `extra`."""
+    return [
+        "model=tiny",
+        f"model.path={model_path}",
+        f"input={input_path}",
+        f"output.path={output}",
+        "engine.ignore_eos=true",
+        f"engine.kv_cache_gib={args.kv_cache_gib}",
+        f"engine.max_num_seqs={args.max_num_seqs}",
+        f"engine.max_num_batched_tokens={args.max_num_batched_tokens}",
+        # One Ray instance serves every contender; the job must leave it running.
+        "ray.shutdown=false",
+        "progress=false",
+        *args.job_set,
+        *extra,
+    ]
+
+
+@dataclass(frozen=True)
+class JobSetup:
+    """The job's settings on this machine, as its engine workers would receive them."""
+
+    settings: GenerationSettings
+    engine: dict
+    """What each engine worker is handed (`pipeline.generate.config.engine_config`)."""
+    model_path: str
+
+    def engine_kwargs(self, **engine) -> dict:
+        """`vllm.LLM`'s arguments for the job's engine, with `engine` settings changed."""
+        from pipeline.generate.engine import engine_kwargs
+
+        return engine_kwargs({**self.engine, **engine}, self.model_path, on_cpu=True)
+
+
+def job_setup(args, model_path: str, input_path: str) -> JobSetup:
+    """The job's settings for the rows at `input_path`, resolved as on this GPU-less machine."""
+    from pipeline.generate.config import AdapterSet, engine_config
+    from pipeline.generate.settings import GenerationSettings, resolve_resources
+
+    cfg = compose("generate", job_overrides(args, model_path, input_path, str(Path(input_path).parent / "unused")))
+    settings = GenerationSettings.from_config(cfg)
+    return JobSetup(settings, engine_config(settings, resolve_resources(settings, 0), AdapterSet()), model_path)

