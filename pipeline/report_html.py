@@ -55,6 +55,11 @@ class Section:
     tables: list[Table] = field(default_factory=list)
 
 
+def key_value_table(pairs: Iterable[tuple[str, Any]]) -> Table:
+    """A two-column table of facts without a header; facts with no value are left out."""
+    return Table(["", ""], [[k, v] for k, v in pairs if v not in (None, {}, [], "")], header=False)
+
+
 def render_page(title: str, status: str, facts: Iterable[tuple[str, Any]], sections: Iterable[Section],
                 settings: dict | None = None) -> str:
     """The page: a title with the job's status, a row of headline figures, the sections in
@@ -174,9 +179,7 @@ def _short(text: str, limit: int) -> str:
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, float):
-        return _fact(value)
-    return _short(str(value), CELL_CHARS)
+    return _short(value if isinstance(value, str) else _fact(value), CELL_CHARS)
 
 
 def _fact(value: Any) -> str:

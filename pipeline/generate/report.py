@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import UserError
 from pipeline.generate.part_files import tmp_name
 from pipeline.generate.sinks import JOB, MANIFEST, STATS_COLUMNS, OutputDir
-from pipeline.report_html import Section, Table, bar_chart, histogram, line_chart, render_page
+from pipeline.report_html import Section, Table, bar_chart, histogram, key_value_table, line_chart, render_page
 
 REPORT = "report.html"
 # Columns every part has that are not the request's own passthrough columns.
@@ -253,8 +253,7 @@ def _job_section(summary: OutputSummary) -> Section:
         f"No {MANIFEST} yet: the job was interrupted or is still running; this page shows the committed parts. "
         "Rerun the same job command to resume it."
     )
-    rows = [[k, v] for k, v in facts if v not in (None, {}, "")]
-    return Section("Job", note=note, tables=[Table(["setting", "value"], rows, header=False)])
+    return Section("Job", note=note, tables=[key_value_table(facts)])
 
 
 def _setting(settings: dict, dotted: str):

@@ -158,3 +158,36 @@ def test_the_page_escapes_every_text_and_forbids_scripts():
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", html)
     assert html.count("&lt;script&gt;") >= 5
     assert "nested.value" in html
+
+
+def training_manifest(**more) -> dict:
+    return {
+        "adapter": "bonjour", "base_model": {"name": "tiny"}, "steps": 3, "epochs_run": 1.0, "train_tokens": 300,
+        "tokens_per_second": 100.0, "train_seconds": 3.0, "first_step_loss": 7.5, "train_loss": 2.5,
+        "validation_loss": 2.6, "config": {"train": {"lr": 0.005}},
+        "data": {"rows": 12, "conversations": 10, "train_examples": 8, "validation_examples": 1,
+                 "skipped": {"no assistant turn": 2}, "path": ["data.parquet"]},
+        "history": {"step": [1, 2, 3], "loss": [7.5, 4.0, 2.5], "lr": [0.005, 0.003, 0.0],
+                    "tokens_per_second": [80.0, 90.0, 100.0]},
+        "validation_answers": [{"prompt": "x" * 1000 + "Say hello.", "reference": "Bonjour!", "answer": SCRIPT}],
+        **more,
+    }
+
+
+def test_the_training_page_shows_curves_data_counts_and_greedy_answers(tmp_path):
+    from pipeline.train.report import REPORT as TRAIN_REPORT, write_report as write_training_report
+
+    (tmp_path / "manifest.json").write_text(json.dumps(training_manifest()))
+    html = Path(write_training_report(tmp_path)).read_text()
+    assert Path(tmp_path, TRAIN_REPORT).exists()
+    assert html.count("<svg") == 3  # loss, speed, skipped reasons
+    assert "skipped: no assistant turn" in html and "train.lr" in html
+    assert "Say hello." in html and "Bonjour!" in html  # the end of the prompt, where the question is
+    assert "<script" not in html.lower() and "&lt;script&gt;" in html
+
+
+def test_a_training_page_without_history_or_validation_says_so(tmp_path):
+    from pipeline.train.report import build_report as build_training_report
+
+    html = build_training_report(training_manifest(history=None, validation_answers=[], validation_loss=None))
+    assert "no per-step history" in html and "no greedy answers" in html
