@@ -22,10 +22,9 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
 from pipeline.generate.part_files import tmp_name
-from pipeline.generate.sinks import JOB, MANIFEST, STATS_COLUMNS, OutputDir
+from pipeline.generate.sinks import JOB, MANIFEST, REPORT, STATS_COLUMNS, OutputDir
 from pipeline.report_html import Section, Table, bar_chart, histogram, key_value_table, line_chart, render_page
 
-REPORT = "report.html"
 # Columns every part has that are not the request's own passthrough columns.
 OUTPUT_COLUMNS = ("id", "response", "tool_calls", "prompt_tokens", "completion_tokens", "finish_reason", "error",
                   "seed", "lora", "tool_parse", "source_file", "source_row")
