@@ -53,14 +53,9 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
     benchmark's clock, a progress hook); it must not change the table.
     """
     settings = GenerationSettings.from_config(cfg)
-    with JobConsole(os.path.join(settings.output.path, "logs", LOG_FILE), verbose=settings.verbose) as console:
-        return _run(settings, console, on_batch)
-
-
-def _run(settings: GenerationSettings, console: JobConsole, on_batch) -> dict:
-    log.info("settings:\n%s", json.dumps(settings.record(), indent=2))
     started = time.time()
-
+    # What refuses bad settings, inputs or adapters runs before the console opens the job's log
+    # file under output.path: a refused job writes nothing.
     model_path = job_config.ensure_model(settings.model)
     plan = plan_shards(
         list(settings.input),
@@ -71,6 +66,13 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch) -> dict:
     job_config.check_inputs_outside_output(plan.files, settings.output.path)
     model = job_config.model_fingerprint(settings.model, model_path)
     adapters = job_config.adapters_for(settings, plan)
+    with JobConsole(os.path.join(settings.output.path, "logs", LOG_FILE), verbose=settings.verbose) as console:
+        log.info("settings:\n%s", json.dumps(settings.record(), indent=2))
+        return _run(settings, console, on_batch, started, model_path, plan, model, adapters)
+
+
+def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: float, model_path: str,
+         plan: ShardPlan, model: dict, adapters: AdapterSet) -> dict:
     _init_ray(settings.ray)
     resources = ray.cluster_resources()
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=None)
