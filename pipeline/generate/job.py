@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import json
 import logging
-import sys
+import os
 import time
 from typing import Callable
 
@@ -26,6 +26,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from pipeline.console import JobConsole
 from pipeline.generate import config as job_config
 from pipeline.generate.config import AdapterSet
 from pipeline.generate.settings import GenerationSettings, RaySettings, Resources, resolve_resources
@@ -39,6 +40,8 @@ from pipeline.generate.stats import RunStats
 
 log = logging.getLogger("pipeline.generate.job")
 
+# The job's log file, in <output>/logs/ (where conf/generate.yaml points Hydra's job log too).
+LOG_FILE = "generate.log"
 # Read tasks' size hint for Ray Data's scheduling; the request JSON of a row is about this big.
 ROW_BYTES_GUESS = 1024
 
@@ -51,9 +54,9 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
     benchmark's clock, a progress hook); it must not change the table.
     """
     settings = GenerationSettings.from_config(cfg)
-    log.info("settings:\n%s", json.dumps(settings.record(), indent=2))
     started = time.time()
-
+    # What refuses bad settings, inputs or adapters runs before the console opens the job's log
+    # file under output.path: a refused job writes nothing.
     model_path = job_config.ensure_model(settings.model)
     plan = plan_shards(
         list(settings.input),
@@ -65,10 +68,17 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
     )
     # limit: a preview of `limit` rows, the same ones every run (planning.limit_rows).
     selected = limit_rows(plan, settings.limit) if settings.limit else None
-    planned_rows = sum(len(r) for r in selected.values()) if selected is not None else plan.total_rows
     job_config.check_inputs_outside_output(plan.files, settings.output.path)
     model = job_config.model_fingerprint(settings.model, model_path)
     adapters = job_config.adapters_for(settings, plan)
+    with JobConsole(os.path.join(settings.output.path, "logs", LOG_FILE), verbose=settings.verbose) as console:
+        log.info("settings:\n%s", json.dumps(settings.record(), indent=2))
+        return _run(settings, console, on_batch, started, model_path, plan, selected, model, adapters)
+
+
+def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: float, model_path: str,
+         plan: ShardPlan, selected: dict[str, list[int]] | None, model: dict, adapters: AdapterSet) -> dict:
+    planned_rows = sum(len(r) for r in selected.values()) if selected is not None else plan.total_rows
     _init_ray(settings.ray)
     resources = ray.cluster_resources()
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=None)
@@ -83,9 +93,14 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
     try:
         resume = out.open(job_config.fingerprint(settings, resolved, plan, adapters, model))
         if resume.complete:
-            print(f"{out.path} already holds this job's complete output; nothing to do", file=sys.stderr)
+            console.print(f"{out.path} already holds this job's complete output; nothing to do")
             _shutdown(settings.ray)
             return resume.manifest
+        console.print(
+            f"generate: {planned_rows * settings.n:,} rows from {len(plan.files)} file(s) -> {out.path}; "
+            f"{settings.model.name} on {resolved.device}, {settings.workers} engine(s)"
+            + (f"; log: {console.log_file}" if console.log_file and not settings.verbose else "")
+        )
         stats = RunStats(total_rows=planned_rows * settings.n)
         for table in out.committed_stats_tables():
             stats.add(table, resumed=True)
@@ -93,7 +108,7 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
             log.info("resuming: %d of %d rows are already committed", resume.rows, planned_rows * settings.n)
 
         remaining = [s for s in plan.shards if len(rows_to_skip(s, resume, selected)) < s.num_rows]
-        with stats.progress(enabled=settings.progress) as progress:
+        with stats.progress(enabled=settings.progress, file=console.terminal) as progress:
             if remaining:
                 ds = build_dataset(settings, resolved, plan, remaining, resume, model_path, adapters,
                                    model.get("commit"), selected)
@@ -122,6 +137,8 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
                 "tokens": stats.tokens(),
                 "wall_time_s": round(finished - started, 3),
                 "throughput": stats.throughput(finished - started),
+                # (seconds, rows, completion tokens) of this run after each committed batch
+                "timeline": {"clock": "seconds since this run started generating", "points": stats.timeline},
             },
             expected_rows=plan.rows_in,
             per_row=settings.n,
@@ -129,9 +146,28 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
         )
     finally:
         out.close()
-    print(stats.summary(out.path), file=sys.stderr)
+    lines = [stats.summary(out.path)]
+    report = _write_report(out.path)
+    if report:
+        lines.append(f"  report: {report}")
+    if console.log_file:
+        lines.append(f"  log: {console.log_file}")
+    console.print("\n".join(lines))
     _shutdown(settings.ray)
     return manifest
+
+
+def _write_report(output: str) -> str | None:
+    """The job's report page; the job's output is complete without it, so a failure only warns."""
+    from pipeline.generate.report import write_report
+
+    try:
+        return write_report(output)
+    except Exception as exc:
+        log.info("the report failed:", exc_info=True)
+        log.warning("the report could not be written (%s: %s); rebuild it with python -m jobs.report %s",
+                    type(exc).__name__, exc, output)
+        return None
 
 
 def _stop(out: OutputDir, exc: Exception) -> None:

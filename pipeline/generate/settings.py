@@ -180,6 +180,9 @@ class GenerationSettings:
     ray: RaySettings = field(default_factory=RaySettings)
     progress: bool = True
     """Show the job's progress bar."""
+    verbose: bool = False
+    """Show everything on the terminal (settings, Ray and vLLM worker lines), not only the job's
+    start line, progress, warnings and summary; the log file holds everything either way."""
 
     @classmethod
     def from_config(cls, cfg) -> "GenerationSettings":
@@ -234,6 +237,7 @@ class GenerationSettings:
             retry=build(RetrySettings, s.get("retry") or {}),
             ray=build(RaySettings, s.get("ray") or {}),
             progress=bool(s.get("progress", True)),
+            verbose=s.get("verbose", False),
         )
 
     def record(self) -> dict:
@@ -324,6 +328,7 @@ def _problems(s: dict) -> list[str]:
     need_int("output.rows_per_part", output.get("rows_per_part"), 1)
     need_int("read.rows_per_shard", (s.get("read") or {}).get("rows_per_shard"), 1)
     need_bool("output.overwrite", output.get("overwrite"))
+    need_bool("verbose", s.get("verbose", False))
     need_int("engine.max_model_len", engine.get("max_model_len"), 16)
     need_int("engine.tensor_parallel_size", engine.get("tensor_parallel_size"), 1)
     if engine.get("kv_cache_gib") is not None and not (

@@ -4,6 +4,7 @@
     <output>/job.json                       written first: what the job is (config + input fingerprints)
     <output>/parts/part-00000.parquet ...   committed by rename: a part on disk is always complete
     <output>/manifest.json                  written last: its presence means the job finished
+    <output>/report.html                    the job's report page, after the manifest (`report`)
 
 A rerun of the same job into the same folder resumes it: the rows of committed parts are not
 generated again (each part records its rows' input file and row index), leftovers of a part
@@ -16,7 +17,7 @@ any folder, shared with other tools' files:
     `.part-<5+ digits>.parquet.tmp-<32 hex>` in `parts/`, regular files only (symlinks and
     folders with such names are left alone);
   - with `output.overwrite=true`, and only in a folder that has a `job.json`: `job.json`,
-    `manifest.json`, the regular files `parts/part-<digits>.parquet`, and the leftovers above.
+    `manifest.json`, `report.html` (it would describe the previous job), the regular files `parts/part-<digits>.parquet`, and the leftovers above.
     Everything else (`logs/`, the user's files, `.lock`) stays. A folder without `job.json` that
     holds a `manifest.json` or `parts/part-*.parquet` is not this project's job output, so it is
     refused whatever `overwrite` says. A `parts` that is a symlink or not a folder is refused
@@ -59,6 +60,7 @@ from pipeline.manifests import iso_time
 
 JOB = "job.json"
 MANIFEST = "manifest.json"
+REPORT = "report.html"
 PARTS = "parts"
 STATS_COLUMNS = ["error", "prompt_tokens", "completion_tokens", "finish_reason", "tool_parse"]
 
@@ -268,7 +270,7 @@ class OutputDir:
 
     def _remove_previous_output(self) -> None:
         """output.overwrite=true on this project's output: delete what it wrote, nothing else."""
-        for name in (JOB, MANIFEST):
+        for name in (JOB, MANIFEST, REPORT):
             path = self._file(name)
             try:
                 mode = os.lstat(path).st_mode

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+
+# Points of the throughput timeline kept in the manifest (a long job keeps every other one).
+TIMELINE_POINTS = 1000
+# The first batch arrives after the engines started; the rate from then on is the job's speed,
+# once it spans enough time not to be a burst of batches that finished together.
+STEADY_AFTER_S = 10.0
 
 
 @dataclass
@@ -25,6 +33,9 @@ class RunStats:
     resumed_completion_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
     first_row_s: float | None = None
+    # (seconds since `started`, rows, completion tokens) of this run after each committed batch:
+    # the report's throughput over time, and the progress bar's rate after the first batch.
+    timeline: list = field(default_factory=list)
 
     def add(self, batch: pa.Table, resumed: bool = False) -> None:
         completion = int(pc.sum(batch.column("completion_tokens")).as_py() or 0)
@@ -41,6 +52,8 @@ class RunStats:
             for value in batch.column(name).to_pylist():
                 if value is not None:
                     target[value] = target.get(value, 0) + 1
+        if not resumed and batch.num_rows:
+            self._record()
 
     def counts(self) -> dict:
         return {
@@ -69,26 +82,68 @@ class RunStats:
             "time_to_first_row_s": None if self.first_row_s is None else round(self.first_row_s, 3),
         }
 
+    def _record(self) -> None:
+        rows, tokens = self.rows - self.resumed_rows, self.completion_tokens - self.resumed_completion_tokens
+        self.timeline.append((round(self.elapsed(), 3), rows, tokens))
+        if len(self.timeline) > 2 * TIMELINE_POINTS:  # a long job: keep every other point, and the last
+            self.timeline = self.timeline[:-1:2] + self.timeline[-1:]
+
+    def rates(self) -> tuple[float, float] | None:
+        """(rows/s, output tokens/s) of this run: since its first batch arrived (the speed once
+        the engines are up) when that is `STEADY_AFTER_S` ago, else since it began; None before
+        any row."""
+        if not self.timeline:
+            return None
+        now = self.elapsed()
+        t0, rows0, tokens0 = self.timeline[0]
+        _, rows, tokens = self.timeline[-1]
+        if now - t0 >= STEADY_AFTER_S and rows > rows0:
+            return (rows - rows0) / (now - t0), (tokens - tokens0) / (now - t0)
+        return rows / max(now, 1e-9), tokens / max(now, 1e-9)
+
     def postfix(self) -> str:
-        rate = (self.completion_tokens - self.resumed_completion_tokens) / max(self.elapsed(), 1e-9)
-        return f"{rate:,.0f} tok/s, {self.errors} errors"
+        rates = self.rates()
+        if rates is None:
+            return "waiting for the first batch (engines starting)"
+        rows_s, tokens_s = rates
+        eta = f"ETA {_clock((self.total_rows - self.rows) / rows_s)}" if rows_s > 0 else "ETA ?"
+        return f"{rows_s:,.1f} rows/s, {tokens_s:,.0f} tok/s, {eta}, {self.errors} errors"
 
     @contextlib.contextmanager
-    def progress(self, enabled: bool = True):
+    def progress(self, enabled: bool = True, file=None):
+        """A progress bar that redraws on every committed batch (`update`), and once a second
+        on a terminal so that the clock and the ETA move while a batch is being generated."""
         from tqdm import tqdm
 
         bar = tqdm(
-            total=self.total_rows, initial=self.rows, unit="row", desc="generate", disable=not enabled, dynamic_ncols=True
+            total=self.total_rows, initial=self.rows, desc="generate", disable=not enabled, dynamic_ncols=True,
+            file=file, mininterval=0, miniters=1,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} rows [{elapsed}{postfix}]",
         )
+        bar.set_postfix_str(self.postfix(), refresh=True)
+        stop = threading.Event()
+
+        def tick() -> None:
+            while not stop.wait(1.0):
+                bar.set_postfix_str(self.postfix(), refresh=True)
+
+        ticker = None
+        stream = bar.fp if enabled else None
+        if stream is not None and getattr(stream, "isatty", lambda: False)():
+            ticker = threading.Thread(target=tick, name="progress-tick", daemon=True)
+            ticker.start()
 
         class _Progress:
             def update(_, stats: "RunStats") -> None:
-                bar.update(stats.rows - bar.n)
                 bar.set_postfix_str(stats.postfix(), refresh=False)
+                bar.update(stats.rows - bar.n)
 
         try:
             yield _Progress()
         finally:
+            stop.set()
+            if ticker is not None:
+                ticker.join()
             bar.close()
 
     def summary(self, output: str) -> str:
@@ -99,3 +154,9 @@ class RunStats:
             f"in {seconds:.1f}s; {self.prompt_tokens} prompt + {self.completion_tokens} completion tokens, "
             f"{(self.completion_tokens - self.resumed_completion_tokens) / max(seconds, 1e-9):,.0f} output tok/s -> {output}"
         )
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"

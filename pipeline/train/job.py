@@ -106,10 +106,26 @@ def run(cfg) -> dict:
             "wall_seconds": round(time.time() - started, 3),
             "versions": package_versions(VERSIONED_PACKAGES, python=True),
         }
+        report = _write_report(staging, manifest)
         # Written last: its presence is what makes the folder an adapter.
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    print(_summary(name, registry.resolve(name).path, manifest), file=sys.stderr)
+    path = registry.resolve(name).path
+    print(_summary(name, path, manifest) + (f"\n  report: {path / report}" if report else ""), file=sys.stderr)
     return manifest
+
+
+def _write_report(folder: Path, manifest: dict) -> str | None:
+    """The run's report page (its file name); the adapter is complete without it, so a failure
+    only warns."""
+    from pipeline.train.report import REPORT, write_report
+
+    try:
+        write_report(folder, manifest)
+        return REPORT
+    except Exception as exc:
+        log.info("the report failed:", exc_info=True)
+        log.warning("the report could not be written (%s: %s)", type(exc).__name__, exc)
+        return None
 
 
 def _check_served_model(adapter_dir: Path, model: ModelSettings, train_path: str) -> dict | None:

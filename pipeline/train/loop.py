@@ -19,6 +19,12 @@ from pipeline.train.settings import Hyperparameters
 
 log = logging.getLogger("pipeline.train.loop")
 
+# Steps kept in the metrics' history (a longer run keeps every k-th step).
+HISTORY_POINTS = 1000
+# Validation conversations the adapter answers greedily for the report, and their length cap.
+VALIDATION_ANSWERS = 3
+MAX_ANSWER_TOKENS = 128
+
 
 @dataclass(frozen=True)
 class FitJob:
@@ -177,6 +183,10 @@ def _fit(job: FitJob, train_ex, val_ex, out_dir, rank, world_size, device, wrap)
                  f"{trainable:,}", lora.rank, device, len(train_ex), world_size, total, steps_per_epoch, bs * accum)
 
     window: deque = deque(maxlen=max(1, min(steps_per_epoch, total)))  # last epoch's (loss_sum, labels)
+    # Every optimizer step's loss, learning rate and running tokens/s (thinned to about
+    # HISTORY_POINTS steps on a long run): the report's curves.
+    history: dict[str, list] = {"step": [], "loss": [], "lr": [], "tokens_per_second": []}
+    history_every = max(1, math.ceil(total / HISTORY_POINTS))
     first_loss = None
     tokens = labels_seen = 0
     step = epoch = 0
@@ -213,6 +223,11 @@ def _fit(job: FitJob, train_ex, val_ex, out_dir, rank, world_size, device, wrap)
             window.append((global_loss, global_labels))
             tokens += int(global_tokens)
             labels_seen += int(global_labels)
+            if step % history_every == 0 or step == total or step == 1:
+                elapsed = time.time() - started
+                for key, value in (("step", step), ("loss", round(step_loss, 6)),
+                                   ("lr", sched.get_last_lr()[0]), ("tokens_per_second", round(tokens / max(elapsed, 1e-9), 1))):
+                    history[key].append(value)
             if rank == 0 and (step % log_every == 0 or step == total or step == 1):
                 elapsed = time.time() - started
                 log.info("step %d/%d  epoch %d  loss %.4f  lr %.2e  %.0f tokens/s  elapsed %.1fs  ETA %.1fs",
@@ -222,6 +237,8 @@ def _fit(job: FitJob, train_ex, val_ex, out_dir, rank, world_size, device, wrap)
     train_seconds = time.time() - started
 
     val_loss = evaluate(module, val_ex[rank::world_size], pad_id, bs, device) if val_ex else None
+    # Rank 0 alone, after the last collective operation: the other ranks do not wait for it.
+    answers = greedy_answers(peft_model, job, val_ex[:VALIDATION_ANSWERS], device) if rank == 0 and val_ex else []
     if out_dir is not None:
         # The vocabulary is never resized here, so PEFT need not look the base model up (on
         # the hub, for a local model's name) to decide whether to save the embeddings.
@@ -240,7 +257,38 @@ def _fit(job: FitJob, train_ex, val_ex, out_dir, rank, world_size, device, wrap)
         "trained_label_tokens": labels_seen,
         "train_seconds": round(train_seconds, 3),
         "tokens_per_second": tokens / max(train_seconds, 1e-9),
+        "history": history,
+        "validation_answers": answers,
     }
+
+
+def greedy_answers(peft_model, job: FitJob, examples: list[Example], device) -> list[dict]:
+    """The adapter's greedy answer to a few validation conversations, beside the reference: for
+    each, its text up to the first assistant turn, that turn as the data has it, and what the
+    adapter generates after the same prompt."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(job.model_path)
+    model = peft_model.eval()
+    answers = []
+    with torch.no_grad():
+        for ex in examples:
+            start = next((i for i, label in enumerate(ex.labels) if label != IGNORE), None)
+            if start is None:
+                continue
+            end = next((i for i in range(start, len(ex.labels)) if ex.labels[i] == IGNORE), len(ex.labels))
+            prompt = torch.tensor([ex.input_ids[:start]], device=device)
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=min(end - start + 16, MAX_ANSWER_TOKENS), use_cache=True,
+                                 pad_token_id=job.pad_id)
+            answers.append({
+                "prompt": tokenizer.decode(ex.input_ids[:start]),
+                "reference": tokenizer.decode(ex.input_ids[start:end]),
+                "answer": tokenizer.decode(out[0, start:].tolist()),
+            })
+    model.train()
+    return answers
 
 
 def evaluate(module, examples: list[Example], pad_id: int, batch_size: int, device) -> float | None:

@@ -71,7 +71,7 @@ def test_entry_point_on_sample_data(tiny_model_dir, tmp_path):
     assert manifest["tokens"]["prompt"] == sum(r["prompt_tokens"] for r in ok)
     assert all(r["finish_reason"] in ("stop", "length") and r["completion_tokens"] <= 64 for r in ok)
     # .lock: held while a run writes (one writer per folder); hidden, so Parquet readers skip it.
-    assert sorted(os.listdir(out)) == [".lock", "job.json", "logs", "manifest.json", "parts"]
+    assert sorted(os.listdir(out)) == [".lock", "job.json", "logs", "manifest.json", "parts", "report.html"]
     assert sorted(f"parts/{n}" for n in os.listdir(out / "parts")) == [p["file"] for p in manifest["parts"]]
     assert "done: 200 of 200 rows (197 ok, 3 errors)" in proc.stderr
 

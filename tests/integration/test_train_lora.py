@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "manifest.json"]
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "manifest.json", "report.html"]
 # Two questions from the training data and two it never saw: the adapter must answer all four
 # with the trained answer, the base model none of them.
 QUESTIONS = ["Say hello.", "What is the capital of France?", "Where do penguins live?", "Name a famous painter."]

@@ -124,10 +124,11 @@ def test_overwrite_deletes_only_the_jobs_files(tmp_path):
     (tmp_path / "keep.txt").write_text("keep")
     (tmp_path / "parts" / "notes.md").write_text("notes")
     (tmp_path / "parts" / f".part-00009.parquet.tmp-{TMP_HEX}").write_text("leftover")
+    (tmp_path / "report.html").write_text("the previous job's page")
     with OutputDir(str(tmp_path), overwrite=True) as out:
         resume = out.open({**FP, "config": {"model": "other"}})
         assert not resume.complete and resume.rows == 0
-    assert not (tmp_path / "manifest.json").exists()
+    assert not (tmp_path / "manifest.json").exists() and not (tmp_path / "report.html").exists()
     assert json.loads((tmp_path / "job.json").read_text())["fingerprint"]["config"] == {"model": "other"}
     assert sorted(os.listdir(tmp_path / "parts")) == ["notes.md"]
     assert (tmp_path / "logs" / "run.log").read_text() == "log"
