@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
 from pipeline.generate.part_files import tmp_name
+from pipeline.generate.prepare import OUTPUT_SCHEMA
 from pipeline.generate.sinks import JOB, MANIFEST, REPORT, STATS_COLUMNS, OutputDir
 from pipeline.report_html import Section, Table, bar_chart, histogram, key_value_table, line_chart, render_page
 
 # Columns every part has that are not the request's own passthrough columns.
-OUTPUT_COLUMNS = ("id", "response", "tool_calls", "prompt_tokens", "completion_tokens", "finish_reason", "error",
-                  "seed", "lora", "tool_parse", "source_file", "source_row")
+OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
 _SAMPLE_OK = 3
 _SAMPLE_ERRORS = 3
 
@@ -282,21 +282,36 @@ def _errors_section(errors: list[str | None], ids: list[str]) -> Section:
 
 def _labels_section(summary: OutputSummary, settings: dict) -> Section:
     response_format = _setting(settings, "response_format")
-    if not (isinstance(response_format, dict) and response_format.get("type") == "choice"):
+    if not isinstance(response_format, dict):
+        return Section("Labels")
+    # The settings record the normalised format ({"choice": [...]}); a job.json may hold the raw one.
+    choices = response_format.get("choice") or (
+        response_format.get("choices") if response_format.get("type") == "choice" else None)
+    if not choices:
         return Section("Labels")  # not a labelling job: the section is left out
-    labels = Counter()
+    labels, confidence = Counter(), []
     for path in summary.parts:
-        table = pq.read_table(path, columns=["response", "error"])
-        labels.update(r for r, e in zip(table.column("response").to_pylist(), table.column("error").to_pylist())
-                      if e is None and r is not None)
-    choices = response_format.get("choices") or []
+        wanted = ["response", "error"] + (["label_probs"] if "label_probs" in pq.read_schema(path).names else [])
+        table = pq.read_table(path, columns=wanted)
+        probs = table.column("label_probs").to_pylist() if "label_probs" in wanted else [None] * table.num_rows
+        for response, error, label_probs in zip(table.column("response").to_pylist(),
+                                                table.column("error").to_pylist(), probs):
+            if error is None and response is not None:
+                labels[response] += 1
+                chosen = next((p["prob"] for p in label_probs or () if p["label"] == response), None)
+                if chosen is not None:
+                    confidence.append(100 * chosen)
     for choice in choices:
         labels.setdefault(str(choice), 0)
+    plots = [bar_chart(dict(labels), "Labels")]
+    if confidence:
+        plots.append(histogram(confidence, "Confidence", "probability of the label given (%)"))
     return Section(
         "Labels",
-        note=f"The job's response_format is a choice of {len(choices)} labels; ok rows per label. "
-             "The output holds no per-label probabilities, so no confidence is shown.",
-        plots=[bar_chart(dict(labels), "Labels")],
+        note=f"The job's response_format is a choice of {len(choices)} labels; ok rows per label"
+             + (", and how probable the model found the label it gave (label_probs)." if confidence else
+                ". The output holds no label probabilities (label_probs=false), so no confidence is shown."),
+        plots=plots,
     )
 
 

@@ -191,3 +191,13 @@ def test_a_training_page_without_history_or_validation_says_so(tmp_path):
 
     html = build_training_report(training_manifest(history=None, validation_answers=[], validation_loss=None))
     assert "no per-step history" in html and "no greedy answers" in html
+
+
+def test_a_choice_job_with_label_probabilities_shows_their_confidence(tmp_path):
+    """The settings as the job records them (normalised: {"choice": [...]}) and a label_probs column."""
+    probs = [0.9, 0.6, 0.75]
+    rows = [output_row(i, response="yes", label_probs=[{"label": "yes", "prob": p}, {"label": "no", "prob": 1 - p}])
+            for i, p in enumerate(probs)]
+    html = build_report(write_output(tmp_path / "out", [rows], manifest={},
+                                     settings={"response_format": {"choice": ["yes", "no"]}}))
+    assert "a choice of 2 labels" in html and "Confidence" in html and "label_probs" in html
