@@ -73,7 +73,7 @@ def prepared_table(path: str, settings, model_path: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.generate.job import preparer_for
+    from pipeline.generate.tasks import preparer_for
     from pipeline.generate.planning import plan_shards
     from pipeline.generate.prepare import canonical_block
 

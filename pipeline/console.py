@@ -6,9 +6,10 @@ else (the resolved settings, INFO logs, Ray's and vLLM's worker lines, library w
 the job's log file, whose path the summary names. `verbose=True` leaves the terminal as it was:
 everything on it, as well as in the log file.
 
-The log file is the one Hydra's job logging writes (`hydra.run.dir`, `<output.path>/logs/` for the
-generation job) when the job runs under Hydra; otherwise `JobConsole` opens `default_log_file`
-itself, so a job run from Python or a test keeps a log file too.
+The log file is the one Hydra's job logging writes when a job's config keeps Hydra's file logging;
+otherwise `JobConsole` opens `default_log_file` itself (the generation job's
+`<output.path>/logs/generate.log`: its config sends Hydra's logging to stdout only, so that the file
+appears once the job's checks have passed and a refused job writes nothing).
 
 How: while the job runs, the handlers that write log records to the terminal are muted, one
 handler on the root logger sends the job's own warnings to the terminal, and `sys.stdout` and

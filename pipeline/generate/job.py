@@ -17,11 +17,11 @@ import functools
 import json
 import logging
 import os
+import sys
 import time
 from typing import Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
@@ -33,10 +33,10 @@ from pipeline.generate.settings import GenerationSettings, RaySettings, Resource
 from pipeline.errors import JobFailure, find_failure
 from pipeline.manifests import iso_time, package_versions
 from pipeline.generate.planning import Shard, ShardPlan, limit_rows, plan_shards
-from pipeline.generate.prepare import JOB_DEFAULTS, Preparer, canonical_block, job_request_defaults, unreadable_block
 from pipeline.row_templates import RowTemplate
 from pipeline.generate.sinks import OutputDir, Resume
 from pipeline.generate.stats import RunStats
+from pipeline.generate.tasks import prepare_block, preparer_args, read_shard, rows_to_skip
 
 log = logging.getLogger("pipeline.generate.job")
 
@@ -71,6 +71,12 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
     job_config.check_inputs_outside_output(plan.files, settings.output.path)
     model = job_config.model_fingerprint(settings.model, model_path)
     adapters = job_config.adapters_for(settings, plan)
+    if settings.plan:  # a dry run: no Ray, no engine, nothing written
+        from pipeline.generate.preview import preview
+
+        result = preview(settings, plan, selected, model_path, adapters, model.get("commit"))
+        print(result.text(settings.output.path), file=sys.stderr)
+        return {"status": "plan", "plan": result.record()}
     with JobConsole(os.path.join(settings.output.path, "logs", LOG_FILE), verbose=settings.verbose) as console:
         log.info("settings:\n%s", json.dumps(settings.record(), indent=2))
         return _run(settings, console, on_batch, started, model_path, plan, selected, model, adapters)
@@ -191,15 +197,6 @@ def _shutdown(ray_settings: RaySettings) -> None:
         ray.shutdown()
 
 
-def rows_to_skip(shard: Shard, resume: Resume, selected: dict[str, list[int]] | None) -> frozenset[int]:
-    """The rows of `shard` not to generate: committed by an earlier run, or left out by `limit`."""
-    rows = set(shard.row_range)
-    skip = resume.skip_for(shard.source) & rows
-    if selected is not None:
-        skip |= rows - set(selected.get(shard.source, ()))
-    return frozenset(skip)
-
-
 def build_dataset(settings: GenerationSettings, resources: Resources, plan: ShardPlan, shards: list[Shard],
                   resume: Resume, model_path: str, adapters: AdapterSet, revision: str | None = None,
                   selected: dict[str, list[int]] | None = None):
@@ -208,7 +205,7 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
     engine = job_config.engine_config(settings, resources, adapters)
     datasource = ShardDatasource(plan, shards, resume, selected, settings.template)
     ds = ray.data.read_datasource(datasource, override_num_blocks=len(shards))
-    prepare = functools.partial(_prepare_block, **_preparer_args(settings, model_path, adapters, revision))
+    prepare = functools.partial(prepare_block, **preparer_args(settings, model_path, adapters, revision))
     ds = ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, num_cpus=settings.prepare.num_cpus)
     # Ray Data merges a task's outputs into one block, so without this a whole read shard would
     # reach the driver at once: results arrive (and are committed) one engine batch at a time.
@@ -241,77 +238,6 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
     return ds
 
 
-def preparer_for(settings: GenerationSettings, model_path: str, adapters: AdapterSet | None = None,
-                 revision: str | None = None) -> Preparer:
-    """The `Preparer` the job's prepare tasks use for `settings`: the same template, tokenizer,
-    seeds and sampling parameters, for a caller that feeds an engine without the job (a benchmark)."""
-    return _preparer(**_preparer_args(settings, model_path, adapters or AdapterSet(), revision))
-
-
-def _preparer_args(settings: GenerationSettings, model_path: str, adapters: AdapterSet, revision: str | None) -> dict:
-    # Plain, hashable values: they travel to every prepare task and key the preparer's cache there.
-    return {
-        "model_path": model_path,
-        "job_seed": settings.seed,
-        "max_model_len": settings.engine.max_model_len,
-        "date_string": settings.prompt.date_string,
-        "ignore_eos": settings.engine.ignore_eos,
-        "adapters_json": json.dumps(adapters.adapters, sort_keys=True),
-        "response_format_json": json.dumps(settings.response_format),
-        "defaults_json": json.dumps(job_request_defaults(settings.request_defaults,
-                                                         **{k: getattr(settings, k) for k in JOB_DEFAULTS})),
-        "label_probs": settings.label_probs,
-        "revision": revision,
-    }
-
-
-def _prepare_block(block: pa.Table, **kwargs) -> pa.Table:
-    return _preparer(**kwargs).prepare_block(block)
-
-
-@functools.lru_cache(maxsize=4)
-def _preparer(model_path, job_seed, max_model_len, date_string, ignore_eos, adapters_json, response_format_json,
-              defaults_json="{}", label_probs=False, revision=None) -> Preparer:
-    """One preparer per worker process: the template and tokenizer load once, not per block."""
-    from tokenizers import Tokenizer
-
-    from pipeline.generate.config import check_adapter_request
-    from pipeline.model_files import resolve_model_file
-    from pipeline.prompts import ChatTemplate
-
-    tokenizer_file = str(resolve_model_file(model_path, "tokenizer.json", revision))
-    tokenizer = Tokenizer.from_file(tokenizer_file)
-    literal = Tokenizer.from_file(tokenizer_file)
-    literal.encode_special_tokens = True  # special-token text is split like any other text
-    adapters = json.loads(adapters_json)
-
-    def encode(text: str) -> list[int]:
-        # The rendered text already holds <|begin_of_text|>; the tokenizer must not add another.
-        return tokenizer.encode(text, add_special_tokens=False).ids
-
-    def encode_literal(text: str) -> list[int]:
-        return literal.encode(text, add_special_tokens=False).ids
-
-    special = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
-    longest = max((len(t) for t in tokenizer.get_vocab(with_added_tokens=True)), default=1)
-
-    return Preparer(
-        template=ChatTemplate.from_model(model_path, revision=revision),
-        encode=encode,
-        job_seed=job_seed,
-        max_model_len=max_model_len,
-        date_string=date_string,
-        ignore_eos=ignore_eos,
-        resolve_lora=functools.partial(check_adapter_request, adapters),
-        default_response_format=json.loads(response_format_json),
-        max_token_chars=max(1, longest),
-        special_token_ids=special,
-        encode_literal=encode_literal,
-        defaults=json.loads(defaults_json),
-        label_probs=label_probs,
-    )
-
-
 class ShardDatasource(Datasource):
     """Reads the planned shards; each read task yields canonical rows (ids + request JSON)."""
 
@@ -332,7 +258,7 @@ class ShardDatasource(Datasource):
         return [
             ReadTask(
                 functools.partial(
-                    _read_shard,
+                    read_shard,
                     shard,
                     self.plan.id_column,
                     self.plan.passthrough,
@@ -349,33 +275,6 @@ class ShardDatasource(Datasource):
             )
             for shard in self.shards
         ]
-
-
-def _read_shard(shard: Shard, id_column, passthrough, passthrough_types, skip, template=None):
-    try:
-        source = pq.ParquetFile(shard.path)
-    except (OSError, pa.ArrowException) as exc:
-        # Not about some rows: the file that planning read is gone, unreadable or replaced. The
-        # job stops (and resumes once the file is back) rather than turning its rows into errors.
-        raise InputFileChanged(
-            f"input file {shard.path} can no longer be read as planned ({type(exc).__name__}: {exc}); "
-            "restore it and rerun the same command to resume"
-        ) from exc
-    try:
-        table = source.read_row_groups(list(shard.row_groups), columns=list(shard.columns))
-        table = table.slice(shard.skip_rows, shard.num_rows)
-        if table.num_rows != shard.num_rows:
-            raise pa.ArrowInvalid(f"{table.num_rows} rows where the footer says {shard.num_rows}")
-    except (OSError, pa.ArrowException) as exc:
-        # Damaged data pages: the file's footer was fine when planned, its rows are not. Each row
-        # becomes an error row rather than the job failing or the rows vanishing.
-        error = f"rows {shard.first_row}-{shard.first_row + shard.num_rows - 1} of {shard.source}: {exc}"
-        return [unreadable_block(shard, error, passthrough, passthrough_types, frozenset(skip))]
-    return [canonical_block(table, shard, id_column, passthrough, passthrough_types, frozenset(skip), template)]
-
-
-class InputFileChanged(JobFailure):
-    """An input file cannot be read the way planning found it: the job stops, resumable."""
 
 
 def _init_ray(ray_settings: RaySettings) -> None:

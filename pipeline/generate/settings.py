@@ -169,6 +169,8 @@ class GenerationSettings:
     """Rows with a `choice` response_format get each label's probability (column `label_probs`)."""
     limit: int | None = None
     """Run only this many rows: the same ones every time, spread over the input files."""
+    plan: bool = False
+    """Run nothing: prepare every row as the job would and print what it would do (pipeline.generate.preview)."""
     template: RowTemplate | None = None
     """`prompt.template` / `prompt.system`: requests written from the row's columns (null: the rows are requests)."""
     prompt: PromptSettings = field(default_factory=PromptSettings)
@@ -227,6 +229,7 @@ class GenerationSettings:
             top_logprobs=s.get("top_logprobs"),
             label_probs=bool(s.get("label_probs", True)),
             limit=s.get("limit"),
+            plan=bool(s.get("plan", False)),
             template=(RowTemplate(prompt["template"], prompt.get("system"), bool(prompt.get("keep_requests", False)),
                                   bool(prompt.get("request_columns", True)), dict(prompt.get("vars") or {}))
                       if prompt.get("template") is not None else None),
@@ -357,7 +360,7 @@ def _problems(s: dict) -> list[str]:
                         "duplicate the input rows for more")
     if s.get("limit") is not None:
         need_int("limit", s.get("limit"), 1)
-    for key in ("logprobs", "label_probs"):
+    for key in ("logprobs", "label_probs", "plan"):
         need_bool(key, s.get(key, False))
     from pipeline.schema import extension_problems
 

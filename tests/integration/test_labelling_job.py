@@ -181,3 +181,18 @@ def test_recipes_from_the_readme(tiny_model_dir, tmp_path):
         if r["finish_reason"] == "stop":
             verdict = json.loads(r["response"])
             assert 1 <= verdict["score"] <= 5 and isinstance(verdict["reason"], str)
+
+
+def test_plan_prepares_the_rows_as_the_job_does_and_writes_nothing(job, tmp_path):
+    """plan=true: no engine, nothing written; its prompt tokens and failing rows are the job's own,
+    and once a run has finished in the folder it estimates the time from that run's throughput."""
+    sample = ROOT / "data" / "sample_requests.parquet"
+    out = tmp_path / "planned"
+    planned = job(sample, out, "plan=true", "limit=40")["plan"]
+    assert not out.exists()
+    assert planned["rows"] == planned["answers"] == 40 and planned["estimate_s"] is None
+    manifest = job(sample, out, "limit=40")
+    assert manifest["tokens"]["prompt"] == planned["prompt_tokens"]["total"]
+    assert manifest["counts"]["errors"] == sum(planned["errors"].values()) == 40 - planned["ok"]
+    again = job(sample, out, "plan=true", "limit=40")["plan"]
+    assert again["estimate_s"] is not None and again["estimate_s"] > 0

@@ -270,7 +270,7 @@ def test_a_huge_row_group_is_split_into_shards(tmp_path):
 
 def test_an_input_file_gone_after_planning_stops_the_job_not_its_rows(tmp_path):
     from pipeline.errors import JobFailure, find_failure
-    from pipeline.generate.job import _read_shard
+    from pipeline.generate.tasks import read_shard as _read_shard
 
     path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"prompt": ["a", "b"]}), path)
