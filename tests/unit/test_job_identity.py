@@ -185,3 +185,21 @@ def test_an_adapter_trained_with_another_prompt_date_is_refused_by_name(tmp_path
     s = generation_settings(composed("generate", ["model=tiny", f"input={src}", f"lora_root={tmp_path / 'lora'}",
                                                   "prompt.date_string=1 Jan 2025"]))
     assert "error" not in adapters_for(s, plan_shards(list(s.input))).adapters["dated"]
+
+
+@pytest.mark.parametrize("override,key", [
+    ("n=3", "config.n"), ("stop='###'", "config.stop"), ("min_tokens=4", "config.min_tokens"),
+    ("logprobs=true", "config.logprobs"), ("top_logprobs=2", "config.top_logprobs"),
+    ("label_probs=false", "config.label_probs"), ("limit=2", "config.limit"),
+    ("request_defaults={temperature: 0}", "config.request_defaults"),
+    ("prompt.template='{{ prompt }}'", "config.template"),
+])
+def test_the_labelling_settings_are_part_of_it(job, override, key):
+    """A rerun with another n, stop, template, ... into the same folder is another job, not a resume."""
+    make, _ = job
+    assert any(line.startswith(key) for line in changes(make(), make(override))), override
+
+
+def test_a_dry_run_setting_is_not(job):
+    make, _ = job
+    assert make("plan=true") == make()

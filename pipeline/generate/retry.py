@@ -1,0 +1,134 @@
+"""`retry=errors`: redo the rows of a finished output that failed for reasons a new try can fix,
+and put the new answers in their place.
+
+Which rows (`rows_to_redo`):
+- an `engine error:` or `label scoring failed:` (the engine refused or failed the row);
+- `tool_parse` = `malformed` (the model began a tool call it did not finish well);
+- with `retry_max_tokens=N`, also rows cut off by `max_tokens` (`finish_reason` = `length`), which
+  are redone with a budget of N tokens.
+Rows refused before the engine (a broken request, a template that found a null) would fail the
+same way again and are left as they are.
+
+A redone row gets a new seed (`retry_seed`: from its seed and the attempt number, so the retry is
+reproducible and does not repeat the answer that failed); its id, source and passthrough columns
+stay. The new answers replace the old rows in the parts that hold them: each part is rewritten to
+a temporary file and renamed over the old one, so a reader of `<output>/parts` sees every id
+exactly once at every moment, before, during and after. The manifest is then rewritten with the
+new counts and a `retries` entry naming the rows redone.
+
+Pure module: pyarrow and the output folder's own files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.errors import UserError
+from pipeline.generate.part_files import tmp_name
+from pipeline.sampling import SEED_BITS
+
+RETRIED_ERRORS = ("engine error:", "label scoring failed:")
+
+
+class RetryError(UserError):
+    """`retry=errors` cannot run on this output folder: the message says why and what to do."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__(problems, heading="retry:")
+
+
+@dataclass
+class RedoPlan:
+    """The rows to redo, by part: part path -> {id: reason}."""
+
+    by_part: dict[str, dict[str, str]] = field(default_factory=dict)
+    # input file -> its row indices to generate again (a row with n answers is generated whole)
+    sources: dict[str, list[int]] = field(default_factory=dict)
+    # ids whose new answer gets the larger max_tokens (they were cut off)
+    truncated: frozenset[str] = frozenset()
+
+    @property
+    def ids(self) -> list[str]:
+        return sorted(i for rows in self.by_part.values() for i in rows)
+
+
+def rows_to_redo(part_paths: list[str], max_tokens: int | None) -> RedoPlan:
+    """The committed rows `retry=errors` redoes (the rules are in the module's docstring)."""
+    plan = RedoPlan()
+    sources: dict[str, set[int]] = {}
+    truncated = set()
+    for path in part_paths:
+        columns = ["id", "error", "tool_parse", "finish_reason", "source_file", "source_row"]
+        table = pq.read_table(path, columns=columns)
+        for row in table.to_pylist():
+            reason = redo_reason(row, max_tokens)
+            if reason is None:
+                continue
+            plan.by_part.setdefault(path, {})[row["id"]] = reason
+            sources.setdefault(row["source_file"], set()).add(row["source_row"])
+            if reason == "length":
+                truncated.add(row["id"])
+    plan.sources = {s: sorted(rows) for s, rows in sorted(sources.items())}
+    plan.truncated = frozenset(truncated)
+    return plan
+
+
+def redo_reason(row: dict, max_tokens: int | None) -> str | None:
+    error = row.get("error")
+    if error is not None:
+        return "error" if error.startswith(RETRIED_ERRORS) else None
+    if row.get("tool_parse") == "malformed":
+        return "malformed tool call"
+    if max_tokens is not None and row.get("finish_reason") == "length":
+        return "length"
+    return None
+
+
+def retry_seed(seed: int, attempt: int) -> int:
+    """The seed of a redone row on retry `attempt` (1, 2, ...): new for every attempt, the same for
+    the same attempt, in the schema's seed range."""
+    digest = hashlib.sha256(f"{int(seed)}\x00retry\x00{int(attempt)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**SEED_BITS - 1) + 1
+
+
+def replace_rows(plan: RedoPlan, new_rows: pa.Table) -> int:
+    """Put `new_rows` (the redone answers, by id) in place of the old rows of each part of `plan`;
+    return how many rows were replaced. Each part is swapped whole by a rename."""
+    wanted = set(plan.ids)
+    ids = new_rows.column("id").to_pylist()
+    by_id = {row_id: i for i, row_id in enumerate(ids) if row_id in wanted}
+    missing = wanted - set(by_id)
+    if missing:
+        raise RuntimeError(f"retry: {len(missing)} redone row(s) came back without an answer, e.g. {sorted(missing)[:3]}")
+    replaced = 0
+    for path, rows in plan.by_part.items():
+        table = pq.read_table(path)
+        old_ids = table.column("id").to_pylist()
+        take_new = [by_id.get(row_id) if row_id in rows else None for row_id in old_ids]
+        positions = [i for i, j in enumerate(take_new) if j is not None]
+        fresh = new_rows.take(pa.array([take_new[i] for i in positions], pa.int64())).select(table.column_names)
+        fresh = fresh.cast(table.schema)
+        mask = pa.array([j is None for j in take_new])
+        # Keep the part's row order: old rows where nothing changed, new rows where they were redone.
+        order = pc.sort_indices(pa.table({"at": pa.concat_arrays([
+            pa.array([i for i, keep in enumerate(mask.to_pylist()) if keep], pa.int64()),
+            pa.array(positions, pa.int64()),
+        ])}), sort_keys=[("at", "ascending")])
+        merged = pa.concat_tables([table.filter(mask), fresh]).take(order)
+        tmp = tmp_name(path)
+        try:
+            pq.write_table(merged, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # the part's rows are the same ids: readers see old or new, whole
+        finally:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        replaced += len(positions)
+    return replaced
