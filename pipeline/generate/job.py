@@ -13,6 +13,7 @@ on disk is always whole.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 import functools
 import json
 import logging
@@ -34,7 +35,8 @@ from pipeline.errors import JobFailure, find_failure
 from pipeline.manifests import iso_time, package_versions
 from pipeline.generate.planning import Shard, ShardPlan, limit_rows, plan_shards
 from pipeline.row_templates import RowTemplate
-from pipeline.generate.sinks import OutputDir, Resume
+from pipeline.generate.retry import RetryError, replace_rows, rows_to_redo
+from pipeline.generate.sinks import JOB, MANIFEST, OutputDir, Resume, write_json_atomic
 from pipeline.generate.stats import RunStats
 from pipeline.generate.tasks import prepare_block, preparer_args, read_shard, rows_to_skip
 
@@ -71,6 +73,9 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
     job_config.check_inputs_outside_output(plan.files, settings.output.path)
     model = job_config.model_fingerprint(settings.model, model_path)
     adapters = job_config.adapters_for(settings, plan)
+    if settings.retry and not os.path.isfile(os.path.join(settings.output.path, JOB)):
+        raise RetryError([f"output.path '{settings.output.path}' holds no output of this job to retry (no {JOB}); "
+                          "run the job first, then retry=errors redoes its failed rows"])
     if settings.plan:  # a dry run: no Ray, no engine, nothing written
         from pipeline.generate.preview import preview
 
@@ -98,6 +103,10 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
     )
     try:
         resume = out.open(job_config.fingerprint(settings, resolved, plan, adapters, model))
+        if settings.retry:
+            manifest = _redo_failed_rows(settings, console, out, resume, resolved, plan, model_path, adapters, model)
+            _shutdown(settings.ray)
+            return manifest
         if resume.complete:
             console.print(f"{out.path} already holds this job's complete output; nothing to do")
             _shutdown(settings.ray)
@@ -163,6 +172,55 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
     return manifest
 
 
+def _redo_failed_rows(settings: GenerationSettings, console: JobConsole, out: OutputDir, resume: Resume,
+                      resources: Resources, plan: ShardPlan, model_path: str, adapters: AdapterSet,
+                      model: dict) -> dict:
+    """retry=errors: the failed rows of this job's finished output, generated again and put in
+    their place (pipeline.generate.retry); the manifest gets the new counts and a `retries` entry."""
+    if not resume.complete:
+        raise RetryError([f"output.path '{out.path}' holds an unfinished run of this job: rerun the same command "
+                          "without retry= to finish it, then retry"])
+    manifest = resume.manifest
+    redo = rows_to_redo(out.part_files(), settings.retry_max_tokens)
+    if not redo.ids:
+        console.print(f"retry: {out.path} has no row to redo")
+        return manifest
+    attempt = len(manifest.get("retries") or []) + 1
+    console.print(f"retry {attempt}: redoing {len(redo.ids):,} row(s) of {out.path}")
+    shards = [s for s in plan.shards if set(redo.sources.get(s.source, ())) & set(s.row_range)]
+    spec = {"attempt": attempt, "max_tokens": settings.retry_max_tokens, "truncated": sorted(redo.truncated),
+            "max_model_len": settings.engine.max_model_len}
+    ds = build_dataset(settings, resources, plan, shards, Resume(), model_path, adapters, model.get("commit"),
+                       redo.sources, retry=spec)
+    tables = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    replaced = replace_rows(redo, pa.concat_tables(tables, promote_options="permissive"))
+    stats = RunStats(total_rows=manifest["counts"]["rows_in"])
+    for table in out.committed_stats_tables():
+        stats.add(table, resumed=True)
+    counts = {**manifest["counts"], **{k: v for k, v in stats.counts().items() if not k.startswith("rows_")}}
+    still = rows_to_redo(out.part_files(), settings.retry_max_tokens)
+    manifest = {
+        **manifest,
+        "counts": counts,
+        "tokens": stats.tokens(),
+        "retries": [*(manifest.get("retries") or []), {
+            "attempt": attempt,
+            "at": iso_time(time.time()),
+            "rows": replaced,
+            "reasons": dict(sorted(Counter(r for rows in redo.by_part.values() for r in rows.values()).items())),
+            "max_tokens": settings.retry_max_tokens,
+            "still_failing": len(still.ids),
+            "ids": redo.ids,
+        }],
+    }
+    write_json_atomic(os.path.join(out.path, MANIFEST), manifest)
+    out.close()
+    report = _write_report(out.path)
+    console.print(f"retry {attempt}: {replaced:,} row(s) redone, {len(still.ids):,} still failing -> {out.path}"
+                  + (f"\n  report: {report}" if report else ""))
+    return manifest
+
+
 def _write_report(output: str) -> str | None:
     """The job's report page; the job's output is complete without it, so a failure only warns."""
     from pipeline.generate.report import write_report
@@ -199,7 +257,7 @@ def _shutdown(ray_settings: RaySettings) -> None:
 
 def build_dataset(settings: GenerationSettings, resources: Resources, plan: ShardPlan, shards: list[Shard],
                   resume: Resume, model_path: str, adapters: AdapterSet, revision: str | None = None,
-                  selected: dict[str, list[int]] | None = None):
+                  selected: dict[str, list[int]] | None = None, retry: dict | None = None):
     from pipeline.generate.engine import GenerationWorker
 
     engine = job_config.engine_config(settings, resources, adapters)
@@ -219,6 +277,7 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
             "passthrough": list(plan.passthrough),
             "revision": revision,
             "samples": settings.n,
+            "retry": retry,
         },
         # Several batches per engine at once, each call in its own thread: the worker's engine
         # loop adds each batch's requests as they arrive (pipeline.generate.engine_loop.EngineLoop).
@@ -232,8 +291,8 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
         batch_format="pyarrow",
         num_cpus=resources.num_cpus,
         num_gpus=resources.num_gpus,
-        max_restarts=-1 if settings.retry.restart_actors else 0,
-        max_task_retries=-1 if settings.retry.restart_actors else 0,
+        max_restarts=-1 if settings.ray.restart_actors else 0,
+        max_task_retries=-1 if settings.ray.restart_actors else 0,
     )
     return ds
 

@@ -4,8 +4,8 @@ and put the new answers in their place.
 Which rows (`rows_to_redo`):
 - an `engine error:` or `label scoring failed:` (the engine refused or failed the row);
 - `tool_parse` = `malformed` (the model began a tool call it did not finish well);
-- with `retry_max_tokens=N`, also rows cut off by `max_tokens` (`finish_reason` = `length`), which
-  are redone with a budget of N tokens.
+- with `retry_max_tokens=N`, also rows cut off by `max_tokens` (`finish_reason` = `length`) after
+  fewer than N tokens, which are redone with a budget of N tokens.
 Rows refused before the engine (a broken request, a template that found a null) would fail the
 same way again and are left as they are.
 
@@ -22,6 +22,7 @@ Pure module: pyarrow and the output folder's own files.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
 from pipeline.generate.part_files import tmp_name
-from pipeline.sampling import SEED_BITS
+from pipeline.sampling import SEED_BITS, engine_seed
 
 RETRIED_ERRORS = ("engine error:", "label scoring failed:")
 
@@ -64,7 +65,7 @@ def rows_to_redo(part_paths: list[str], max_tokens: int | None) -> RedoPlan:
     sources: dict[str, set[int]] = {}
     truncated = set()
     for path in part_paths:
-        columns = ["id", "error", "tool_parse", "finish_reason", "source_file", "source_row"]
+        columns = ["id", "error", "tool_parse", "finish_reason", "completion_tokens", "source_file", "source_row"]
         table = pq.read_table(path, columns=columns)
         for row in table.to_pylist():
             reason = redo_reason(row, max_tokens)
@@ -85,8 +86,8 @@ def redo_reason(row: dict, max_tokens: int | None) -> str | None:
         return "error" if error.startswith(RETRIED_ERRORS) else None
     if row.get("tool_parse") == "malformed":
         return "malformed tool call"
-    if max_tokens is not None and row.get("finish_reason") == "length":
-        return "length"
+    if max_tokens is not None and row.get("finish_reason") == "length" and (row.get("completion_tokens") or 0) < max_tokens:
+        return "length"  # cut off with a smaller budget than the new one
     return None
 
 
@@ -95,6 +96,30 @@ def retry_seed(seed: int, attempt: int) -> int:
     the same attempt, in the schema's seed range."""
     digest = hashlib.sha256(f"{int(seed)}\x00retry\x00{int(attempt)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % (2**SEED_BITS - 1) + 1
+
+
+def reseed_for_retry(batch: pa.Table, attempt: int, truncated: frozenset[str], max_tokens: int | None,
+                     max_model_len: int | None = None) -> pa.Table:
+    """Prepared rows (after `expand_samples`) as retry `attempt` runs them: each with its retry
+    seed, and the rows in `truncated` with `max_tokens` (when it is larger than theirs, and as far
+    as the context leaves room)."""
+    ids, seeds, params = (batch.column(c).to_pylist() for c in ("_id", "_seed", "_params"))
+    prompts = batch.column("_prompt_token_ids").to_pylist()
+    for i, seed in enumerate(seeds):
+        if seed is None:
+            continue
+        seeds[i] = retry_seed(seed, attempt)
+        if params[i] is not None:
+            kwargs = json.loads(params[i])
+            kwargs["seed"] = engine_seed(seeds[i])
+            if max_tokens is not None and ids[i] in truncated:
+                wanted = max(int(kwargs["max_tokens"]), int(max_tokens))
+                room = max_model_len - len(prompts[i] or ()) if max_model_len else wanted
+                kwargs["max_tokens"] = max(int(kwargs["max_tokens"]), min(wanted, room))
+            params[i] = json.dumps(kwargs)
+    for name, values, kind in (("_seed", seeds, pa.int64()), ("_params", params, pa.string())):
+        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, kind))
+    return batch
 
 
 def replace_rows(plan: RedoPlan, new_rows: pa.Table) -> int:

@@ -107,12 +107,6 @@ class ReadSettings:
 
 
 @dataclass(frozen=True)
-class RetrySettings:
-    restart_actors: bool = True
-    """A dead worker is replaced and its batch redone."""
-
-
-@dataclass(frozen=True)
 class RaySettings:
     address: str | None = None
     """null: start Ray here; "auto" or ray://host:10001 joins a cluster."""
@@ -126,6 +120,8 @@ class RaySettings:
     """Shut down a Ray this job started when it ends."""
     env: dict = field(default_factory=dict)
     """Environment variables for every worker; their values are never logged or written."""
+    restart_actors: bool = True
+    """A dead worker is replaced and its batch redone."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +174,10 @@ class GenerationSettings:
     """The adapter registry a row's `lora` is looked up in (absolute once checked)."""
     prepare: PrepareSettings = field(default_factory=PrepareSettings)
     read: ReadSettings = field(default_factory=ReadSettings)
-    retry: RetrySettings = field(default_factory=RetrySettings)
+    retry: str | None = None
+    """`errors`: redo the failed rows of this job's finished output, in place (pipeline.generate.retry)."""
+    retry_max_tokens: int | None = None
+    """With retry=errors: also redo the rows cut off by max_tokens, with this many tokens."""
     ray: RaySettings = field(default_factory=RaySettings)
     progress: bool = True
     """Show the job's progress bar."""
@@ -237,7 +236,8 @@ class GenerationSettings:
             lora_root=absolute(s.get("lora_root") or "lora"),
             prepare=build(PrepareSettings, s.get("prepare") or {}),
             read=build(ReadSettings, s.get("read") or {}),
-            retry=build(RetrySettings, s.get("retry") or {}),
+            retry=s.get("retry"),
+            retry_max_tokens=s.get("retry_max_tokens"),
             ray=build(RaySettings, s.get("ray") or {}),
             progress=bool(s.get("progress", True)),
             verbose=s.get("verbose", False),
@@ -360,6 +360,15 @@ def _problems(s: dict) -> list[str]:
                         "duplicate the input rows for more")
     if s.get("limit") is not None:
         need_int("limit", s.get("limit"), 1)
+    if s.get("retry") not in (None, "errors"):
+        problems.append(f"retry: must be errors or null (got {s.get('retry')!r}); retry=errors redoes the rows of a "
+                        "finished output whose engine failed or whose tool call was malformed")
+    if s.get("retry_max_tokens") is not None:
+        need_int("retry_max_tokens", s.get("retry_max_tokens"), 1)
+        if s.get("retry") is None:
+            problems.append("retry_max_tokens: only with retry=errors (it redoes the rows cut off by max_tokens)")
+    if s.get("retry") is not None and (s.get("plan") or s.get("output", {}).get("overwrite")):
+        problems.append("retry: not with plan=true or output.overwrite=true (it redoes rows of an existing output)")
     for key in ("logprobs", "label_probs", "plan"):
         need_bool(key, s.get(key, False))
     from pipeline.schema import extension_problems
