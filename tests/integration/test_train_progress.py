@@ -167,3 +167,39 @@ def test_eval_every_without_validation_rows_is_refused_before_training(tiny_mode
     with pytest.raises(TrainConfigError, match=r"train\.eval_every: no validation rows \(1 conversations"):
         train(tiny_model_dir, tmp_path / "lora", "noval", "data.max_rows=1", "train.eval_every=2")
     assert not (tmp_path / "lora").exists() or AdapterRegistry(tmp_path / "lora").list() == []
+
+
+def test_ray_train_workers_resume_to_the_same_adapter_bytes(tiny_model_dir, tmp_path):
+    """Two DDP workers: rank 0 writes the shared state, each rank its random states, into one
+    checkpoint; the driver killed between checkpoints (the whole process group, so Ray's helpers
+    go too), the rerun resumes both ranks and ends with the uninterrupted two-worker run's adapter."""
+    root = tmp_path / "lora"
+    args = ["train.workers=2", "train.batch_size=4", "ray.num_cpus=2", "train.max_steps=8", "train.save_every=3",
+            "train.log_every=1", "train.lora.dropout=0.1", "train.report_to=none"]
+    whole = train_subprocess(tiny_model_dir, root, "ddp-whole", *args, tmp_path=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = whole.communicate(timeout=600)
+    assert whole.returncode == 0, out[-4000:]
+
+    proc = train_subprocess(tiny_model_dir, root, "ddp-resumed", *args, tmp_path=tmp_path, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for line in proc.stdout:
+            if "step 5/8" in line:
+                break
+        else:
+            pytest.fail("the run ended before step 5")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    # Ray forwards the workers' log lines asynchronously: the run may be past step 6 by now.
+    (checkpoint,) = os.listdir(run_folder(root, "ddp-resumed") / "checkpoints")
+    assert checkpoint in ("step-000003", "step-000006")
+
+    rerun = train_subprocess(tiny_model_dir, root, "ddp-resumed", *args, tmp_path=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-4000:]
+    assert json.loads((root / "ddp-resumed" / "manifest.json").read_text())["resumed_from_step"] == int(checkpoint[5:])
+    assert (root / "ddp-resumed" / "adapter_model.safetensors").read_bytes() == \
+        (root / "ddp-whole" / "adapter_model.safetensors").read_bytes()
