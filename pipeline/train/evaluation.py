@@ -70,19 +70,20 @@ class EvalHistory:
                    since_improvement=int(data["since_improvement"]))
 
 
-def evaluate(module, examples: list[Example], pad_id: int, batch_size: int, device) -> tuple[float, float] | None:
+def evaluate(module, examples: list[Example], pad_id: int, batch_size: int, device,
+             packing: bool = False) -> tuple[float, float] | None:
     """(loss per assistant token, token accuracy) over the examples, summed over every rank's
     share; None when no rank has a labelled token."""
     import torch
 
-    from pipeline.train.loop import _all_reduce_sum, collate
+    from pipeline.train.loop import _all_reduce_sum, batch_tensors
 
     module.eval()
     loss_sum = correct = labels = 0.0
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             batch = examples[i : i + batch_size]
-            loss, right = module(*collate(batch, pad_id, device), count_correct=True)
+            loss, right = module(*batch_tensors(batch, pad_id, device, packing), count_correct=True)
             loss_sum += float(loss)
             correct += float(right)
             labels += sum(label_count(ex) for ex in batch)

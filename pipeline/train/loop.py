@@ -87,6 +87,24 @@ def collate(batch: list[Example], pad_id: int, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
+def collate_packed(batch: list[Example], device):
+    """(input_ids, None, labels, position_ids): the conversations end to end in one row, no
+    padding. Positions restart at each conversation, and with no attention mask transformers
+    builds the block-diagonal causal mask from them, so no token attends across conversations.
+    Each conversation starts with <|begin_of_text|>, never labelled, so no loss crosses one either."""
+    import torch
+
+    ids = torch.tensor([[t for ex in batch for t in ex.input_ids]])
+    labels = torch.tensor([[t for ex in batch for t in ex.labels]])
+    positions = torch.tensor([[i for ex in batch for i in range(len(ex.input_ids))]])
+    return ids.to(device), None, labels.to(device), positions.to(device)
+
+
+def batch_tensors(batch: list[Example], pad_id: int, device, packing: bool) -> tuple:
+    """The loss module's arguments for one micro-batch: packed (`train.packing`) or padded."""
+    return collate_packed(batch, device) if packing else collate(batch, pad_id, device)
+
+
 def _all_reduce_sum(values: list[float], device) -> list[float]:
     import torch
     import torch.distributed as dist
@@ -113,9 +131,11 @@ def _loss_module(peft_model):
             super().__init__()
             self.peft_model = peft_model
 
-        def forward(self, input_ids, attention_mask, labels, count_correct=False):
+        def forward(self, input_ids, attention_mask, labels, position_ids=None, count_correct=False):
             lm = self.peft_model.get_base_model()  # LoRA layers are injected into it in place
-            hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            # No cache: with one, transformers would not build the packed rows' block-diagonal mask.
+            hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      use_cache=False).last_hidden_state
             targets = labels[:, 1:]
             keep = targets != IGNORE
             logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
@@ -232,7 +252,7 @@ def _fit(job: FitJob, train_ex, val_ex, out_dir, rank, world_size, device, wrap)
 
     def run_evaluation() -> None:
         nonlocal best
-        measured = evaluate(module, val_ex[rank::world_size], pad_id, bs, device)
+        measured = evaluate(module, val_ex[rank::world_size], pad_id, bs, device, t.packing)
         if measured is None:
             return
         ev = Evaluation(step=progress.step, loss=measured[0], accuracy=measured[1])
@@ -266,7 +286,7 @@ def _fit(job: FitJob, train_ex, val_ex, out_dir, rank, world_size, device, wrap)
                     last = k == len(batches) - 1
                     sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
                     with sync:
-                        loss = model(*collate(batch, pad_id, device))
+                        loss = model(*batch_tensors(batch, pad_id, device, t.packing))
                         (loss * scale).backward()
                     loss_sum += float(loss.detach())
                 # An infinite bound measures the norm and leaves the gradients as they are.

@@ -128,6 +128,8 @@ class Hyperparameters:
     """Ray CPUs per worker, and the torch threads a CPU worker computes with."""
     log_every: int = 10
     """Optimizer steps between progress lines."""
+    packing: bool = False
+    """Each micro-batch's conversations end to end in one row, without padding; attention and loss stay within each."""
     eval_every: int | None = None
     """Optimizer steps between evaluations on the validation split (null: one, at the end)."""
     keep: str = "last"
@@ -204,6 +206,7 @@ class TrainSettings:
                     **train["lora"], "target_modules": targets if isinstance(targets, str) else tuple(targets)}),
                 "gradient_checkpointing": bool(train.get("gradient_checkpointing")),
                 "use_gpu": bool(train.get("use_gpu")),
+                "packing": bool(train.get("packing")),
                 "early_stopping_min_delta": float(train.get("early_stopping_min_delta") or 0.0),
                 "resume": bool(train.get("resume", True)),
                 "log_dir": absolute(train["log_dir"]) if train.get("log_dir") else None,
