@@ -317,9 +317,11 @@ def _fit(job: FitJob, train_ex, val_ex, out_dir, rank, world_size, device, wrap)
                     so_far = dataclasses.replace(progress, seconds=progress.seconds + time.time() - started)
                     where = save_checkpoint(folder, job.identity, rank, named, best, opt, sched, so_far, history,
                                             steps_per_epoch)
+                    tracker.flush()  # what a resumed run will not log again is on disk
                     if rank == 0:
                         log.info("checkpoint step %d -> %s", step, where)
                 if sigterm.requested:
+                    tracker.close()
                     raise JobFailure(f"stopped by SIGTERM at step {step}/{total}"
                                      + ("; rerun the same command to resume from its checkpoint" if folder else ""))
                 if stopped_early:

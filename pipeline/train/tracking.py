@@ -16,6 +16,9 @@ class Tracker:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -34,6 +37,9 @@ class TensorBoardTracker(Tracker):
         for tag, value in values.items():
             if value is not None:
                 self.writer.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
