@@ -4,7 +4,8 @@ Each job runs two ways, on the same configs:
 - in a checkout: `python -m jobs.generate ...` (`jobs/*.py`, configs read from `conf/`);
 - installed: the console scripts `llama-batch-generate` and `llama-batch-train`, anywhere, with the
   configs shipped inside the package (`pipeline.conf`, built from the same `conf/` folder).
-`llama-batch-adapters` (or `python -m pipeline.lora_registry`) lists an adapter registry.
+`llama-batch-adapters` (or `python -m pipeline.lora_registry`) lists an adapter registry;
+`llama-batch-export` (or `python -m jobs.export_lora`) writes an adapter out for deployment.
 Both end in the same plain `run(cfg)` of the job's package, wrapped by `exit_on_user_error`.
 """
 
@@ -120,4 +121,25 @@ def adapters(argv: list[str] | None = None) -> int:
         print(f"no adapters in {args.root}/")
     else:
         print(format_table(found))
+    return 0
+
+
+def export_lora(argv: list[str] | None = None) -> int:
+    """Console script `llama-batch-export` (and `python -m jobs.export_lora`): an adapter of the
+    registry written out as Workers AI, a merged model, or plain PEFT files expect it."""
+    from pipeline.train.export import TARGETS, export_adapter
+
+    parser = argparse.ArgumentParser(
+        prog="llama-batch-export", description="Export a LoRA adapter from the registry for deployment."
+    )
+    parser.add_argument("name", help="the adapter's name in the registry")
+    parser.add_argument("out", metavar="OUT", help="the folder to create (new, or empty)")
+    parser.add_argument("--to", required=True, choices=TARGETS,
+                        help="workers-ai: the two files Cloudflare accepts, limits checked; merged: a float model "
+                             "with the adapter merged in; peft: the PEFT files")
+    parser.add_argument("--root", default="lora", help="registry folder (default: lora)")
+    args = parser.parse_args(argv)
+    with exit_on_user_error():
+        out = export_adapter(args.root, args.name, args.to, args.out)
+    print(f"adapter {args.name!r} -> {out} ({args.to}): {', '.join(sorted(p.name for p in out.iterdir()))}")
     return 0

@@ -22,6 +22,7 @@ from pipeline.manifests import iso_time, package_versions
 from pipeline.lora_compat import check_adapter_matches
 from pipeline.lora_registry import MANIFEST, AdapterRegistry
 from pipeline.model_settings import ModelSettings
+from pipeline.train.checkpoints import prepare_run, run_identity
 from pipeline.train.data import (
     DataError,
     conversations_from_rows,
@@ -74,8 +75,17 @@ def run(cfg) -> dict:
         f"; skipped {dict(skipped)}" if skipped else "",
     )
 
+    if train.eval_every and not val_ex:
+        raise TrainConfigError([
+            f"train.eval_every: no validation rows ({len(convs)} conversations, data.validation_fraction="
+            f"{data.validation_fraction}); raise data.validation_fraction or set train.eval_every=null"])
+
+    fingerprint = data_fingerprint(convs)
+    identity = run_identity(settings.record(), fingerprint)
+    folders = prepare_run(settings.lora_root, name, identity, train.resume, train.log_dir)
     job = FitJob(train=train, model_path=train_path, base_model_name_or_path=base_model_name_or_path(model),
-                 pad_id=pad_id)
+                 pad_id=pad_id, checkpoint_dir=str(folders.checkpoints.path),
+                 identity=identity, log_dir=str(folders.log_dir))
     with registry.staging(name, overwrite=overwrite) as staging:
         if train.workers > 1:
             from pipeline.train.ray_train import fit_with_ray
@@ -89,7 +99,7 @@ def run(cfg) -> dict:
             "base_model": {"name": model.name, "path": model.path, "train_path": train_path},
             "data": {
                 "path": list(data.path),
-                "fingerprint": data_fingerprint(convs),
+                "fingerprint": fingerprint,
                 "rows": len(rows),
                 "conversations": len(convs),
                 "train_examples": len(train_ex),
@@ -101,6 +111,7 @@ def run(cfg) -> dict:
             # another, since the system header it learned after would differ.
             "prompt": {"date_string": settings.prompt.date_string},
             **metrics,
+            "tensorboard": str(folders.log_dir) if train.report_to == "tensorboard" else None,
             "served_model_check": match,
             "created": iso_time(time.time()),
             "wall_seconds": round(time.time() - started, 3),
@@ -109,6 +120,7 @@ def run(cfg) -> dict:
         report = _write_report(staging, manifest)
         # Written last: its presence is what makes the folder an adapter.
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    folders.checkpoints.discard()  # the adapter is published: nothing left to resume
     path = registry.resolve(name).path
     print(_summary(name, path, manifest) + (f"\n  report: {path / report}" if report else ""), file=sys.stderr)
     return manifest

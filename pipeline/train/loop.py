@@ -7,24 +7,28 @@ are imported inside the functions that use them; `rank_schedule` is plain Python
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.errors import JobFailure
+from pipeline.train.checkpoints import CheckpointFolder, Progress, restore_checkpoint, save_checkpoint
+from pipeline.train.evaluation import VALIDATION_ANSWERS, EvalHistory, Evaluation, evaluate, greedy_answers
 from pipeline.train.labels import IGNORE, Example, label_count
 from pipeline.train.settings import Hyperparameters
+from pipeline.train.tracking import open_tracker
 
 log = logging.getLogger("pipeline.train.loop")
 
 # Steps kept in the metrics' history (a longer run keeps every k-th step).
 HISTORY_POINTS = 1000
-# Validation conversations the adapter answers greedily for the report, and their length cap.
-VALIDATION_ANSWERS = 3
-MAX_ANSWER_TOKENS = 128
-
 
 @dataclass(frozen=True)
 class FitJob:
@@ -39,6 +43,12 @@ class FitJob:
     """What adapter_config.json records as the base model (`settings.base_model_name_or_path`)."""
     pad_id: int
     """The tokenizer's padding token id, for collation."""
+    checkpoint_dir: str | None = None
+    """Where resumable checkpoints go (`checkpoints.run_folder`); null: none are written or read."""
+    identity: dict = field(default_factory=dict)
+    """What decides this run's adapter (`checkpoints.run_identity`), stored in each checkpoint."""
+    log_dir: str | None = None
+    """Where the tracker writes (`train.report_to`); null: nowhere."""
 
 
 def rank_schedule(n_examples: int, world_size: int, rank: int, batch_size: int, grad_accum: int, seed: int, epoch: int):
@@ -79,6 +89,24 @@ def collate(batch: list[Example], pad_id: int, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
+def collate_packed(batch: list[Example], device):
+    """(input_ids, None, labels, position_ids): the conversations end to end in one row, no
+    padding. Positions restart at each conversation, and with no attention mask transformers
+    builds the block-diagonal causal mask from them, so no token attends across conversations.
+    Each conversation starts with <|begin_of_text|>, never labelled, so no loss crosses one either."""
+    import torch
+
+    ids = torch.tensor([[t for ex in batch for t in ex.input_ids]])
+    labels = torch.tensor([[t for ex in batch for t in ex.labels]])
+    positions = torch.tensor([[i for ex in batch for i in range(len(ex.input_ids))]])
+    return ids.to(device), None, labels.to(device), positions.to(device)
+
+
+def batch_tensors(batch: list[Example], pad_id: int, device, packing: bool) -> tuple:
+    """The loss module's arguments for one micro-batch: packed (`train.packing`) or padded."""
+    return collate_packed(batch, device) if packing else collate(batch, pad_id, device)
+
+
 def _all_reduce_sum(values: list[float], device) -> list[float]:
     import torch
     import torch.distributed as dist
@@ -105,13 +133,18 @@ def _loss_module(peft_model):
             super().__init__()
             self.peft_model = peft_model
 
-        def forward(self, input_ids, attention_mask, labels):
+        def forward(self, input_ids, attention_mask, labels, position_ids=None, count_correct=False):
             lm = self.peft_model.get_base_model()  # LoRA layers are injected into it in place
-            hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            # No cache: with one, transformers would not build the packed rows' block-diagonal mask.
+            hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      use_cache=False).last_hidden_state
             targets = labels[:, 1:]
             keep = targets != IGNORE
             logits = lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-            return F.cross_entropy(logits, targets[keep], reduction="sum")
+            loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+            if count_correct:  # evaluation: also how many next tokens greedy decoding gets right
+                return loss, (logits.argmax(-1) == targets[keep]).sum()
+            return loss
 
     return AssistantLoss(peft_model)
 
@@ -140,9 +173,33 @@ def fit(job: FitJob, train_ex: list[Example], val_ex: list[Example], out_dir: Pa
         torch.set_num_threads(threads)
 
 
+class _StopOnSigterm:
+    """SIGTERM (a spot instance reclaimed, a scheduler's stop) asks the run to stop after the
+    current step, with a checkpoint. Signal handlers can only be set from the main thread; Ray
+    Train runs the loop in another, where the signal is Ray's to handle."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log.warning("SIGTERM: stopping after this step, with a checkpoint")
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def _fit(job: FitJob, train_ex, val_ex, out_dir, rank, world_size, device, wrap) -> dict:
     import contextlib
-    from collections import deque
 
     import torch
     from peft import LoraConfig, get_peft_model
@@ -168,7 +225,8 @@ def _fit(job: FitJob, train_ex, val_ex, out_dir, rank, world_size, device, wrap)
     model = wrap(module) if wrap else module
     torch.manual_seed(seed + 1 + rank)  # dropout masks differ per rank, repeatably
 
-    params = [p for p in peft_model.parameters() if p.requires_grad]
+    named = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=float(t.lr), weight_decay=float(t.weight_decay))
     bs, accum = int(t.batch_size), int(t.grad_accum)
@@ -177,66 +235,120 @@ def _fit(job: FitJob, train_ex, val_ex, out_dir, rank, world_size, device, wrap)
     sched = get_scheduler(t.scheduler, opt, num_warmup_steps=round(float(t.warmup_ratio) * total),
                           num_training_steps=total)
     pad_id, log_every, clip = job.pad_id, int(t.log_every), float(t.max_grad_norm)
+    window_size = max(1, min(steps_per_epoch, total))
+
+    folder = CheckpointFolder(job.checkpoint_dir) if job.checkpoint_dir else None
+    progress, history, best = Progress(), EvalHistory(t.early_stopping_patience, float(t.early_stopping_min_delta)), None
+    restored = restore_checkpoint(folder, rank, named, opt, sched) if folder else None
+    if restored:
+        state, best = restored
+        progress = Progress(**state["progress"])
+        history = EvalHistory.from_json(state["evaluations"], history.patience, history.min_delta)
+    resumed_from = progress.step
     if rank == 0:
         log.info("training %s trainable LoRA parameters (rank %s) on %s: %d examples, %d worker(s), "
-                 "%d steps (%d per epoch, %d examples per step per worker)",
-                 f"{trainable:,}", lora.rank, device, len(train_ex), world_size, total, steps_per_epoch, bs * accum)
+                 "%d steps (%d per epoch, %d examples per step per worker)%s",
+                 f"{trainable:,}", lora.rank, device, len(train_ex), world_size, total, steps_per_epoch, bs * accum,
+                 f"; resuming at step {resumed_from}" if resumed_from else "")
+    tracker = open_tracker(t.report_to, job.log_dir, rank, resumed_from)
 
-    window: deque = deque(maxlen=max(1, min(steps_per_epoch, total)))  # last epoch's (loss_sum, labels)
+    def run_evaluation() -> None:
+        nonlocal best
+        measured = evaluate(module, val_ex[rank::world_size], pad_id, bs, device, t.packing)
+        if measured is None:
+            return
+        ev = Evaluation(step=progress.step, loss=measured[0], accuracy=measured[1])
+        if history.add(ev) and t.keep == "best":
+            best = {k: p.detach().clone() for k, p in named.items()}
+        tracker.scalars(ev.step, {"eval/loss": ev.loss, "eval/accuracy": ev.accuracy})
+        if rank == 0:
+            log.info("eval step %d: validation loss %.4f, accuracy %.4f (best: step %d, %.4f)",
+                     ev.step, ev.loss, ev.accuracy, history.best.step, history.best.loss)
+
     # Every optimizer step's loss, learning rate and running tokens/s (thinned to about
-    # HISTORY_POINTS steps on a long run): the report's curves.
-    history: dict[str, list] = {"step": [], "loss": [], "lr": [], "tokens_per_second": []}
-    history_every = max(1, math.ceil(total / HISTORY_POINTS))
-    first_loss = None
-    tokens = labels_seen = 0
-    step = epoch = 0
+    # HISTORY_POINTS steps on a long run): the report's curves, carried by checkpoints.
+    curve_every = max(1, math.ceil(total / HISTORY_POINTS))
     started = time.time()
+    stopped_early = history.should_stop
     model.train()
-    while step < total:
-        for micro_batches in rank_schedule(len(train_ex), world_size, rank, bs, accum, seed, epoch):
-            if step >= total:
-                break
-            batches = [[train_ex[i] for i in mb] for mb in micro_batches]
-            local_labels = sum(label_count(ex) for b in batches for ex in b)
-            local_tokens = sum(len(ex.input_ids) for b in batches for ex in b)
-            global_labels, global_tokens = _all_reduce_sum([local_labels, local_tokens], device)
-            # Per-token mean over the whole step across ranks: DDP averages gradients over
-            # ranks, so each rank scales its sum by world_size / (all ranks' label tokens).
-            scale = world_size / max(global_labels, 1.0)
-            opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for k, batch in enumerate(batches):
-                last = k == len(batches) - 1
-                sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-                with sync:
-                    loss = model(*collate(batch, pad_id, device))
-                    (loss * scale).backward()
-                loss_sum += float(loss.detach())
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            opt.step()
-            sched.step()
-            step += 1
-            (global_loss,) = _all_reduce_sum([loss_sum], device)
-            step_loss = global_loss / max(global_labels, 1.0)
-            first_loss = step_loss if first_loss is None else first_loss
-            window.append((global_loss, global_labels))
-            tokens += int(global_tokens)
-            labels_seen += int(global_labels)
-            if step % history_every == 0 or step == total or step == 1:
-                elapsed = time.time() - started
-                for key, value in (("step", step), ("loss", round(step_loss, 6)),
-                                   ("lr", sched.get_last_lr()[0]), ("tokens_per_second", round(tokens / max(elapsed, 1e-9), 1))):
-                    history[key].append(value)
-            if rank == 0 and (step % log_every == 0 or step == total or step == 1):
-                elapsed = time.time() - started
-                log.info("step %d/%d  epoch %d  loss %.4f  lr %.2e  %.0f tokens/s  elapsed %.1fs  ETA %.1fs",
-                         step, total, epoch + 1, step_loss, sched.get_last_lr()[0], tokens / max(elapsed, 1e-9),
-                         elapsed, elapsed / step * (total - step))
-        epoch += 1
-    train_seconds = time.time() - started
+    with _StopOnSigterm() as sigterm:
+        while progress.step < total and not stopped_early:
+            epoch, offset = divmod(progress.step, steps_per_epoch)
+            for micro_batches in rank_schedule(len(train_ex), world_size, rank, bs, accum, seed, epoch)[offset:]:
+                if progress.step >= total:
+                    break
+                step_started = time.time()
+                batches = [[train_ex[i] for i in mb] for mb in micro_batches]
+                local_labels = sum(label_count(ex) for b in batches for ex in b)
+                local_tokens = sum(len(ex.input_ids) for b in batches for ex in b)
+                global_labels, global_tokens = _all_reduce_sum([local_labels, local_tokens], device)
+                # Per-token mean over the whole step across ranks: DDP averages gradients over
+                # ranks, so each rank scales its sum by world_size / (all ranks' label tokens).
+                scale = world_size / max(global_labels, 1.0)
+                opt.zero_grad(set_to_none=True)
+                loss_sum = 0.0
+                for k, batch in enumerate(batches):
+                    last = k == len(batches) - 1
+                    sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+                    with sync:
+                        loss = model(*batch_tensors(batch, pad_id, device, t.packing))
+                        (loss * scale).backward()
+                    loss_sum += float(loss.detach())
+                # An infinite bound measures the norm and leaves the gradients as they are.
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
+                opt.step()
+                sched.step()
+                (global_loss,) = _all_reduce_sum([loss_sum], device)
+                step_loss = global_loss / max(global_labels, 1.0)
+                progress.step += 1
+                progress.first_loss = step_loss if progress.first_loss is None else progress.first_loss
+                progress.window = [*progress.window, [global_loss, global_labels]][-window_size:]
+                progress.tokens += int(global_tokens)
+                progress.labels_seen += int(global_labels)
+                step, lr = progress.step, sched.get_last_lr()[0]
+                if step % curve_every == 0 or step == total or step == 1:
+                    so_far = progress.seconds + time.time() - started
+                    for key, value in (("step", step), ("loss", round(step_loss, 6)), ("lr", lr),
+                                       ("tokens_per_second", round(progress.tokens / max(so_far, 1e-9), 1))):
+                        progress.curve.setdefault(key, []).append(value)
+                tracker.scalars(step, {"train/loss": step_loss, "train/learning_rate": lr, "train/grad_norm": grad_norm,
+                                       "train/tokens_per_second": global_tokens / max(time.time() - step_started, 1e-9)})
+                if rank == 0 and (step % log_every == 0 or step == total or step == 1):
+                    elapsed = time.time() - started
+                    log.info("step %d/%d  epoch %d  loss %.4f  lr %.2e  %.0f tokens/s  elapsed %.1fs  ETA %.1fs",
+                             step, total, epoch + 1, step_loss, lr,
+                             progress.tokens / max(progress.seconds + elapsed, 1e-9),
+                             elapsed, elapsed / max(step - resumed_from, 1) * (total - step))
+                if t.eval_every and step % int(t.eval_every) == 0 and val_ex:
+                    run_evaluation()
+                    stopped_early = history.should_stop
+                due = t.save_every and step % int(t.save_every) == 0 and step < total
+                if folder and (due or sigterm.requested):
+                    so_far = dataclasses.replace(progress, seconds=progress.seconds + time.time() - started)
+                    where = save_checkpoint(folder, job.identity, rank, named, best, opt, sched, so_far, history,
+                                            steps_per_epoch)
+                    tracker.flush()  # what a resumed run will not log again is on disk
+                    if rank == 0:
+                        log.info("checkpoint step %d -> %s", step, where)
+                if sigterm.requested:
+                    tracker.close()
+                    raise JobFailure(f"stopped by SIGTERM at step {step}/{total}"
+                                     + ("; rerun the same command to resume from its checkpoint" if folder else ""))
+                if stopped_early:
+                    if rank == 0:
+                        log.info("early stopping at step %d: %d evaluations without improvement", step,
+                                 history.since_improvement)
+                    break
+    progress.seconds += time.time() - started
 
-    val_loss = evaluate(module, val_ex[rank::world_size], pad_id, bs, device) if val_ex else None
+    if val_ex and (history.last is None or history.last.step != progress.step):
+        run_evaluation()
+    kept = history.best if t.keep == "best" else history.last
+    if t.keep == "best" and best is not None:
+        with torch.no_grad():
+            for k, p in named.items():
+                p.copy_(best[k])
+    tracker.close()
     # Rank 0 alone, after the last collective operation: the other ranks do not wait for it.
     answers = greedy_answers(peft_model, job, val_ex[:VALIDATION_ANSWERS], device) if rank == 0 and val_ex else []
     if out_dir is not None:
@@ -245,63 +357,34 @@ def _fit(job: FitJob, train_ex, val_ex, out_dir, rank, world_size, device, wrap)
         peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
         # PEFT also writes a boilerplate model card; the manifest is this adapter's record.
         Path(out_dir, "README.md").unlink(missing_ok=True)
+        _sort_target_modules(Path(out_dir, "adapter_config.json"))
+    window = progress.window
     return {
-        "steps": step,
-        "epochs_run": step / max(steps_per_epoch, 1),
+        "steps": progress.step,
+        "epochs_run": progress.step / max(steps_per_epoch, 1),
         "workers": world_size,
         "trainable_parameters": trainable,
-        "first_step_loss": first_loss,
+        "first_step_loss": progress.first_loss,
         "train_loss": sum(x for x, _ in window) / max(sum(n for _, n in window), 1.0),
-        "validation_loss": val_loss,
-        "train_tokens": tokens,
-        "trained_label_tokens": labels_seen,
-        "train_seconds": round(train_seconds, 3),
-        "tokens_per_second": tokens / max(train_seconds, 1e-9),
-        "history": history,
+        "validation_loss": kept.loss if kept else None,
+        "validation_accuracy": kept.accuracy if kept else None,
+        "evaluations": [dataclasses.asdict(e) for e in history.evaluations],
+        "kept": {"policy": t.keep, "step": kept.step if kept and t.keep == "best" else progress.step},
+        "stopped_early": history.should_stop,
+        "resumed_from_step": resumed_from or None,
+        "train_tokens": progress.tokens,
+        "trained_label_tokens": progress.labels_seen,
+        "train_seconds": round(progress.seconds, 3),
+        "tokens_per_second": progress.tokens / max(progress.seconds, 1e-9),
+        "history": progress.curve,
         "validation_answers": answers,
     }
 
 
-def greedy_answers(peft_model, job: FitJob, examples: list[Example], device) -> list[dict]:
-    """The adapter's greedy answer to a few validation conversations, beside the reference: for
-    each, its text up to the first assistant turn, that turn as the data has it, and what the
-    adapter generates after the same prompt."""
-    import torch
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(job.model_path)
-    model = peft_model.eval()
-    answers = []
-    with torch.no_grad():
-        for ex in examples:
-            start = next((i for i, label in enumerate(ex.labels) if label != IGNORE), None)
-            if start is None:
-                continue
-            end = next((i for i in range(start, len(ex.labels)) if ex.labels[i] == IGNORE), len(ex.labels))
-            prompt = torch.tensor([ex.input_ids[:start]], device=device)
-            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                 max_new_tokens=min(end - start + 16, MAX_ANSWER_TOKENS), use_cache=True,
-                                 pad_token_id=job.pad_id)
-            answers.append({
-                "prompt": tokenizer.decode(ex.input_ids[:start]),
-                "reference": tokenizer.decode(ex.input_ids[start:end]),
-                "answer": tokenizer.decode(out[0, start:].tolist()),
-            })
-    model.train()
-    return answers
-
-
-def evaluate(module, examples: list[Example], pad_id: int, batch_size: int, device) -> float | None:
-    """Per-token loss over the examples, summed over every rank's share."""
-    import torch
-
-    module.eval()
-    loss_sum = labels = 0.0
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            batch = examples[i : i + batch_size]
-            loss_sum += float(module(*collate(batch, pad_id, device)))
-            labels += sum(label_count(ex) for ex in batch)
-    module.train()
-    loss_sum, labels = _all_reduce_sum([loss_sum, labels], device)
-    return loss_sum / labels if labels else None
+def _sort_target_modules(config_path: Path) -> None:
+    """PEFT keeps target_modules as a set and writes it in hash order, which differs between
+    processes; sorted, the same training gives the same config bytes (and content hash)."""
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))

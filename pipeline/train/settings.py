@@ -24,6 +24,8 @@ from pipeline.model_settings import ModelSettings, PromptSettings
 from pipeline.settings_common import absolute, build, looks_local, to_plain
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+KEEP = ("last", "best")
+TRACKERS = ("tensorboard", "none")
 # float16 would need loss scaling to train stably; bfloat16 has float32's range.
 DTYPES = ("float32", "bfloat16")
 _AWQ_TINY_NEEDS_TRAIN_PATH = "model.train_path: required for the AWQ tiny model (the float tiny model to train on)"
@@ -126,6 +128,24 @@ class Hyperparameters:
     """Ray CPUs per worker, and the torch threads a CPU worker computes with."""
     log_every: int = 10
     """Optimizer steps between progress lines."""
+    packing: bool = False
+    """Each micro-batch's conversations end to end in one row, without padding; attention and loss stay within each."""
+    eval_every: int | None = None
+    """Optimizer steps between evaluations on the validation split (null: one, at the end)."""
+    keep: str = "last"
+    """The adapter the registry gets: "last" (the final step's) or "best" (the lowest validation loss; needs eval_every)."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations in a row that do not improve on the best validation loss (null: never; needs eval_every)."""
+    early_stopping_min_delta: float = 0.0
+    """How much lower than the best a validation loss must be to count as an improvement."""
+    save_every: int | None = None
+    """Optimizer steps between resumable checkpoints (null: only on SIGTERM, which one worker alone catches)."""
+    resume: bool = True
+    """Continue from the adapter's checkpoint when one exists (false: discard it and start over)."""
+    report_to: str = "tensorboard"
+    """The experiment tracker: tensorboard (event files) or none."""
+    log_dir: str | None = None
+    """Where the TensorBoard event files go (null: <lora_root>/.runs/<adapter name>/tensorboard)."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +206,10 @@ class TrainSettings:
                     **train["lora"], "target_modules": targets if isinstance(targets, str) else tuple(targets)}),
                 "gradient_checkpointing": bool(train.get("gradient_checkpointing")),
                 "use_gpu": bool(train.get("use_gpu")),
+                "packing": bool(train.get("packing")),
+                "early_stopping_min_delta": float(train.get("early_stopping_min_delta") or 0.0),
+                "resume": bool(train.get("resume", True)),
+                "log_dir": absolute(train["log_dir"]) if train.get("log_dir") else None,
             }),
             model=build(ModelSettings, {**model, **model_paths}),
             prompt=build(PromptSettings, s.get("prompt") or {}),
@@ -258,6 +282,7 @@ def _problems(s: dict) -> list[str]:
     need_int("train.workers", train.get("workers"), 1)
     need_int("train.log_every", train.get("log_every", 10), 1)
     need_number("train.cpus_per_worker", train.get("cpus_per_worker", 1), 0, 1024, low_open=True)
+    problems += _progress_problems(train, data, need_int, need_number)
     if train.get("dtype") not in DTYPES:
         problems.append(f"train.dtype: float32 or bfloat16 (got {train.get('dtype')!r})")
     if not model.get("path"):
@@ -266,14 +291,25 @@ def _problems(s: dict) -> list[str]:
         problems.append(_AWQ_TINY_NEEDS_TRAIN_PATH)
     return problems
 
-
-
-
-
-
-
-
-
+def _progress_problems(train: dict, data: dict, need_int, need_number) -> list[str]:
+    """Evaluation, early stopping, checkpoints and tracking: settings that depend on each other."""
+    found: list[str] = []
+    need_int("train.eval_every", train.get("eval_every"), 1, optional=True)
+    need_int("train.early_stopping_patience", train.get("early_stopping_patience"), 1, optional=True)
+    need_number("train.early_stopping_min_delta", train.get("early_stopping_min_delta", 0.0), 0.0, 1e6)
+    need_int("train.save_every", train.get("save_every"), 1, optional=True)
+    keep, evaluates = train.get("keep", "last"), train.get("eval_every") is not None
+    if keep not in KEEP:
+        found.append(f"train.keep: last or best (got {keep!r})")
+    if train.get("report_to", "tensorboard") not in TRACKERS:
+        found.append(f"train.report_to: tensorboard or none (got {train.get('report_to')!r})")
+    for key, used in (("keep", keep == "best"), ("early_stopping_patience", train.get("early_stopping_patience"))):
+        if used and not evaluates:
+            found.append(f"train.{key}: needs validation during training; set train.eval_every (e.g. train.eval_every=10)")
+    if evaluates and not data.get("validation_fraction"):
+        found.append("train.eval_every: there are no validation rows; set data.validation_fraction "
+                     "(e.g. data.validation_fraction=0.1) or train.eval_every=null")
+    return found
 
 
 def absolute_if_local(path: str) -> str:

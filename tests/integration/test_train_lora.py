@@ -74,7 +74,10 @@ def trained(tiny_model_dir, tmp_path_factory):
 
 def test_registry_holds_exactly_the_adapter_files(trained, capsys):
     root = trained["root"]
-    assert sorted(os.listdir(root)) == ["ddp", "json", "nested"]  # no staging leftovers
+    assert sorted(os.listdir(root)) == [".runs", "ddp", "json", "nested"]  # no staging leftovers
+    # Beside the registry: each run's TensorBoard events; its checkpoints went at publishing.
+    assert {n: os.listdir(root / ".runs" / n) for n in os.listdir(root / ".runs")} == {
+        n: ["tensorboard"] for n in ("ddp", "json", "nested")}
     for name in ("ddp", "json", "nested"):
         assert sorted(os.listdir(root / name)) == ADAPTER_FILES
 
@@ -191,7 +194,7 @@ def test_killed_run_leaves_no_adapter(tiny_model_dir, tmp_path):
                 break
         else:
             pytest.fail("the training run ended before it started training")
-        staging = [p.name for p in root.iterdir()]
+        staging = [p.name for p in root.iterdir() if p.name != ".runs"]
         assert len(staging) == 1 and staging[0].startswith(".tmp-killed-")
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -204,7 +207,7 @@ def test_killed_run_leaves_no_adapter(tiny_model_dir, tmp_path):
     # The next staging run cleans up what the killed one left.
     with registry.staging("next") as folder:
         (folder / "manifest.json").write_text("{}")
-    assert sorted(os.listdir(root)) == ["next"]
+    assert sorted(os.listdir(root)) == [".runs", "next"]
 
 
 def test_existing_adapter_is_refused_before_training(trained, tiny_model_dir):
