@@ -30,6 +30,7 @@ log = logging.getLogger("pipeline.train.loop")
 # Steps kept in the metrics' history (a longer run keeps every k-th step).
 HISTORY_POINTS = 1000
 
+
 @dataclass(frozen=True)
 class FitJob:
     """What `fit` trains: the settings' hyperparameters and what the job derived for this run.
