@@ -152,8 +152,9 @@ def test_stop_strings_min_tokens_and_limit(job, tmp_path):
 
 
 def test_recipes_from_the_readme(tiny_model_dir, tmp_path):
-    """recipe=label on the sample reviews, recipe=synthesize on the sample topics, and recipe=judge
-    over the synthesized answers, as the README runs them."""
+    """recipe=label on the sample reviews (its plan, a preview, a retry with nothing to redo),
+    recipe=synthesize on the sample topics, and recipe=judge over the synthesized answers, as the
+    README runs them."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     common = ["model=tiny", f"model.path={tiny_model_dir}", "engine.kv_cache_gib=0.25", "ray.num_cpus=2"]
 
@@ -161,12 +162,17 @@ def test_recipes_from_the_readme(tiny_model_dir, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "jobs.generate", *common, *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc
 
     labels, synth, judged = tmp_path / "labels", tmp_path / "synth", tmp_path / "judged"
+    planned = cli("recipe=label", "input=data/reviews.parquet", f"output.path={labels}", "plan=true")
+    assert "plan: 48 rows -> 48 answers (48 ready" in planned.stderr and not labels.exists()
     cli("recipe=label", "input=data/reviews.parquet", f"output.path={labels}", "limit=12")
     rows = rows_of(labels)
     assert len(rows) == 12 and all(r["response"] in ("positive", "negative", "neutral") for r in rows.values())
     assert all(abs(sum(p["prob"] for p in r["label_probs"]) - 1) < 1e-9 for r in rows.values())
+    retried = cli("recipe=label", "input=data/reviews.parquet", f"output.path={labels}", "limit=12", "retry=errors")
+    assert "has no row to redo" in retried.stderr and rows_of(labels) == rows
 
     cli("recipe=synthesize", "input=data/topics.parquet", f"output.path={synth}", "n=2", "limit=4",
         "request_defaults.max_tokens=16")
