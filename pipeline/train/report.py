@@ -81,15 +81,27 @@ def _curves(m: dict) -> Section:
     if not steps:
         return Section("Training", note="This adapter's manifest has no per-step history.")
     series = [("train loss (per step)", steps, loss)]
+    evaluations = [e for e in m.get("evaluations") or [] if isinstance(e, dict) and e.get("loss") is not None]
     val = m.get("validation_loss")
-    if val is not None:
+    if evaluations:
+        series.append(("validation loss", [e["step"] for e in evaluations], [e["loss"] for e in evaluations]))
+        accuracy = [("validation token accuracy", [e["step"] for e in evaluations],
+                     [e.get("accuracy") for e in evaluations])]
+    elif val is not None:
         series.append(("validation loss (after training)", [steps[0], steps[-1]], [val, val]))
+        accuracy = []
+    else:
+        accuracy = []
+    kept = (m.get("kept") or {}).get("step")
     return Section(
         "Training",
-        note="Loss per optimizer step over the assistant tokens; validation loss is measured once, after the "
-             "last step, on the held-out conversations.",
+        note="Loss per optimizer step over the assistant tokens, and the validation loss at each evaluation "
+             "(train.eval_every) on the held-out conversations"
+             + (f"; the adapter is the one of step {kept} (train.keep)." if kept else "."),
         plots=[p for p in (
-            line_chart(series, "Loss", "step", "loss"),
+            line_chart(series, "Loss", "step", "loss", markers=bool(evaluations)),
+            line_chart(accuracy, "Validation token accuracy", "step", "share of assistant tokens",
+                       markers=True) if accuracy else None,
             line_chart([("tokens/s (running)", steps, history.get("tokens_per_second") or [])], "Speed",
                        "step", "tokens/s", right=("learning rate", steps, history.get("lr") or [], "learning rate")),
         ) if p],

@@ -201,3 +201,12 @@ def test_a_choice_job_with_label_probabilities_shows_their_confidence(tmp_path):
     html = build_report(write_output(tmp_path / "out", [rows], manifest={},
                                      settings={"response_format": {"choice": ["yes", "no"]}}))
     assert "a choice of 2 labels" in html and "Confidence" in html and "label_probs" in html
+
+
+def test_the_training_page_draws_every_evaluation_and_names_the_step_kept(tmp_path):
+    from pipeline.train.report import build_report as build_training_report
+
+    evaluations = [{"step": 1, "loss": 3.0, "accuracy": 0.2}, {"step": 3, "loss": 2.0, "accuracy": 0.5}]
+    html = build_training_report(training_manifest(evaluations=evaluations, kept={"policy": "best", "step": 3}))
+    assert html.count("<svg") == 4  # loss with evaluations, accuracy, speed, skipped reasons
+    assert "Validation token accuracy" in html and "the one of step 3" in html
