@@ -40,7 +40,7 @@ STATE = "state.json"
 _STEP_RE = re.compile(r"step-(\d+)")
 # Settings that change where a run is watched or how often it is saved, not what it computes.
 _NOT_IDENTITY = {"data.path", "train.log_every", "train.save_every", "train.resume", "train.report_to",
-                 "train.log_dir", "train.cpus_per_worker"}
+                 "train.log_dir", "train.mlflow_uri", "train.cpus_per_worker"}
 _UNSET = "(unset)"
 
 

@@ -22,7 +22,7 @@ from pipeline.manifests import iso_time, package_versions
 from pipeline.lora_compat import check_adapter_matches
 from pipeline.lora_registry import MANIFEST, AdapterRegistry
 from pipeline.model_settings import ModelSettings
-from pipeline.train.checkpoints import prepare_run, run_identity
+from pipeline.train.checkpoints import RUNS_FOLDER, prepare_run, run_identity
 from pipeline.train.data import (
     DataError,
     conversations_from_rows,
@@ -85,7 +85,8 @@ def run(cfg) -> dict:
     folders = prepare_run(settings.lora_root, name, identity, train.resume, train.log_dir)
     job = FitJob(train=train, model_path=train_path, base_model_name_or_path=base_model_name_or_path(model),
                  pad_id=pad_id, checkpoint_dir=str(folders.checkpoints.path),
-                 identity=identity, log_dir=str(folders.log_dir))
+                 identity=identity, log_dir=str(folders.log_dir), run_name=name,
+                 mlflow_uri=mlflow_uri(settings) if train.report_to == "mlflow" else None)
     with registry.staging(name, overwrite=overwrite) as staging:
         if train.workers > 1:
             from pipeline.train.ray_train import fit_with_ray
@@ -112,6 +113,7 @@ def run(cfg) -> dict:
             "prompt": {"date_string": settings.prompt.date_string},
             **metrics,
             "tensorboard": str(folders.log_dir) if train.report_to == "tensorboard" else None,
+            "mlflow": {"uri": job.mlflow_uri, "experiment": name} if train.report_to == "mlflow" else None,
             "served_model_check": match,
             "created": iso_time(time.time()),
             "wall_seconds": round(time.time() - started, 3),
@@ -124,6 +126,11 @@ def run(cfg) -> dict:
     path = registry.resolve(name).path
     print(_summary(name, path, manifest) + (f"\n  report: {path / report}" if report else ""), file=sys.stderr)
     return manifest
+
+
+def mlflow_uri(settings: TrainSettings) -> str:
+    """Where report_to=mlflow logs: `train.mlflow_uri`, or a file store beside the registry's runs."""
+    return settings.train.mlflow_uri or Path(settings.lora_root, RUNS_FOLDER, "mlflow").resolve().as_uri()
 
 
 def _write_report(folder: Path, manifest: dict) -> str | None:

@@ -50,6 +50,10 @@ class FitJob:
     """What decides this run's adapter (`checkpoints.run_identity`), stored in each checkpoint."""
     log_dir: str | None = None
     """Where the tracker writes (`train.report_to`); null: nowhere."""
+    mlflow_uri: str | None = None
+    """report_to=mlflow: the tracking URI (`pipeline.train.tracking`)."""
+    run_name: str = ""
+    """The adapter's name: the MLflow experiment and run."""
 
 
 def rank_schedule(n_examples: int, world_size: int, rank: int, batch_size: int, grad_accum: int, seed: int, epoch: int):
@@ -251,7 +255,8 @@ def _fit(job: FitJob, train_ex, val_ex, out_dir, rank, world_size, device, wrap)
                  "%d steps (%d per epoch, %d examples per step per worker)%s",
                  f"{trainable:,}", lora.rank, device, len(train_ex), world_size, total, steps_per_epoch, bs * accum,
                  f"; resuming at step {resumed_from}" if resumed_from else "")
-    tracker = open_tracker(t.report_to, job.log_dir, rank, resumed_from)
+    tracker = open_tracker(t.report_to, job.log_dir, rank, resumed_from, job.mlflow_uri, job.run_name,
+                           {f"train.{k}": v for k, v in dataclasses.asdict(t).items()})
 
     def run_evaluation() -> None:
         nonlocal best

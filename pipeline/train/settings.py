@@ -25,7 +25,7 @@ from pipeline.settings_common import absolute, build, looks_local, to_plain
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 KEEP = ("last", "best")
-TRACKERS = ("tensorboard", "none")
+TRACKERS = ("tensorboard", "mlflow", "none")
 # float16 would need loss scaling to train stably; bfloat16 has float32's range.
 DTYPES = ("float32", "bfloat16")
 _AWQ_TINY_NEEDS_TRAIN_PATH = "model.train_path: required for the AWQ tiny model (the float tiny model to train on)"
@@ -143,7 +143,9 @@ class Hyperparameters:
     resume: bool = True
     """Continue from the adapter's checkpoint when one exists (false: discard it and start over)."""
     report_to: str = "tensorboard"
-    """The experiment tracker: tensorboard (event files) or none."""
+    """The experiment tracker: tensorboard (event files), mlflow or none."""
+    mlflow_uri: str | None = None
+    """report_to=mlflow: a tracking server, sqlite:///..., or null: a file store in <lora_root>/.runs/mlflow."""
     log_dir: str | None = None
     """Where the TensorBoard event files go (null: <lora_root>/.runs/<adapter name>/tensorboard)."""
 
@@ -302,7 +304,13 @@ def _progress_problems(train: dict, data: dict, need_int, need_number) -> list[s
     if keep not in KEEP:
         found.append(f"train.keep: last or best (got {keep!r})")
     if train.get("report_to", "tensorboard") not in TRACKERS:
-        found.append(f"train.report_to: tensorboard or none (got {train.get('report_to')!r})")
+        found.append(f"train.report_to: tensorboard, mlflow or none (got {train.get('report_to')!r})")
+    elif train.get("report_to") == "mlflow":
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            found.append("train.report_to: mlflow needs the mlflow package: pip install '.[mlflow]' "
+                         "(or mlflow-skinny), or use train.report_to=tensorboard")
     for key, used in (("keep", keep == "best"), ("early_stopping_patience", train.get("early_stopping_patience"))):
         if used and not evaluates:
             found.append(f"train.{key}: needs validation during training; set train.eval_every (e.g. train.eval_every=10)")

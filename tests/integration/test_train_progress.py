@@ -203,3 +203,20 @@ def test_ray_train_workers_resume_to_the_same_adapter_bytes(tiny_model_dir, tmp_
     assert json.loads((root / "ddp-resumed" / "manifest.json").read_text())["resumed_from_step"] == int(checkpoint[5:])
     assert (root / "ddp-resumed" / "adapter_model.safetensors").read_bytes() == \
         (root / "ddp-whole" / "adapter_model.safetensors").read_bytes()
+
+
+def test_mlflow_run_holds_the_same_scalars(uninterrupted, tiny_model_dir, tmp_path):
+    """train.report_to=mlflow: the same run logged to MLflow's (default) file store beside the
+    registry's runs, read back with MLflow's own client."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path / "lora"
+    m = train(tiny_model_dir, root, "whole", *RESUMABLE, "train.report_to=mlflow")
+    assert m["tensorboard"] is None and m["mlflow"]["experiment"] == "whole"
+    client = MlflowClient(m["mlflow"]["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("whole").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["train.lr"] == str(m["config"]["train"]["lr"])
+    expected = scalars(uninterrupted["manifest"]["tensorboard"])
+    for tag in ("train/loss", "eval/loss"):
+        logged = [(x.step, x.value) for x in client.get_metric_history(run.info.run_id, tag)]
+        assert logged == [(step, pytest.approx(value, rel=1e-5)) for step, value in expected[tag]], tag

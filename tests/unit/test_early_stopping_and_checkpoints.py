@@ -110,7 +110,7 @@ def test_a_resume_against_changed_settings_is_refused_with_what_changed(tmp_path
      "train.eval_every: there are no validation rows; set data.validation_fraction (e.g. data.validation_fraction=0.1) "
      "or train.eval_every=null"),
     (["train.keep=first", "train.eval_every=5"], "train.keep: last or best (got 'first')"),
-    (["train.report_to=wandb"], "train.report_to: tensorboard or none (got 'wandb')"),
+    (["train.report_to=wandb"], "train.report_to: tensorboard, mlflow or none (got 'wandb')"),
     (["train.save_every=0"], "train.save_every: must be an integer >= 1 or null (got 0)"),
 ])
 def test_progress_settings_name_the_setting_and_the_fix(overrides, expected):
