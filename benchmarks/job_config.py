@@ -18,13 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose(config_name: str, overrides: list[str]):
-    """The project's Hydra config `config_name` (conf/) with `overrides`, as the job's entry point
-    would compose it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The project's Hydra config `config_name` (this checkout's conf/) with `overrides`, as the
+    job's entry point would compose it."""
+    from pipeline.cli import compose as compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
+    return compose_config(config_name, overrides, config_dir=ROOT / "conf")
 
 
 def job_overrides(args, model_path: str, input_path: str, output: str, extra=()) -> list[str]:

@@ -56,6 +56,19 @@ def run_train(cfg) -> None:
         run(cfg)
 
 
+def compose(config_name: str, overrides=(), config_dir: str | None = None):
+    """A job's Hydra config `config_name` with `overrides` (key=value strings), as its entry point
+    composes it, for Python callers (tests, the benchmark, notebooks): from `config_dir`, or the
+    configs shipped with the package."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir, initialize_config_module
+
+    init = (initialize_config_dir(config_dir=str(config_dir), version_base="1.3") if config_dir is not None
+            else initialize_config_module(config_module="pipeline.conf", version_base="1.3"))
+    with init:
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
 def hydra_entry(job: Callable, config_name: str, config_path: str = PACKAGED_CONFIGS) -> Callable[[], None]:
     """A Hydra command-line entry point (key=value overrides, --help, --cfg job, -m) for `job`,
     reading `config_name` from `config_path`."""

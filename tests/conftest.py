@@ -18,12 +18,10 @@ def model_cache() -> Path:
 
 
 def compose(config_name: str, overrides=()):
-    """The project's real Hydra config `config_name` (conf/), composed with `overrides`."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The project's real Hydra config `config_name` (this checkout's conf/), composed with `overrides`."""
+    from pipeline.cli import compose as compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+    return compose_config(config_name, overrides, config_dir=ROOT / "conf")
 
 
 @pytest.fixture(scope="session")

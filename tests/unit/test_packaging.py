@@ -54,3 +54,15 @@ def test_packaged_configs_are_the_checkout_configs():
     import pipeline.conf
 
     assert Path(pipeline.conf.__file__).resolve().parent == ROOT / "conf"
+
+
+def test_compose_reads_the_packaged_configs_as_the_checkout_has_them():
+    """`pipeline.cli.compose` for Python callers: the shipped configs by default, any folder if asked."""
+    from omegaconf import OmegaConf
+
+    from pipeline.cli import compose
+
+    for name, overrides in (("generate", ["model=tiny", "recipe=label"]), ("train_lora", ["adapter.name=x"])):
+        packaged = OmegaConf.to_container(compose(name, overrides))
+        checkout = OmegaConf.to_container(compose(name, overrides, config_dir=ROOT / "conf"))
+        assert packaged == checkout, name
