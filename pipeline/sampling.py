@@ -38,8 +38,7 @@ def row_seed(job_seed: int, row_id: str) -> int:
     It depends on nothing else (not the shard, batch, worker or file order), so a row samples
     the same tokens however the job is split. The result lies in the schema's seed range.
     """
-    digest = hashlib.sha256(f"{int(job_seed)}\x00{row_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (2**SEED_BITS - 1) + 1
+    return _hashed_seed(f"{int(job_seed)}\x00{row_id}")
 
 
 def sample_seed(seed: int, sample: int) -> int:
@@ -47,7 +46,18 @@ def sample_seed(seed: int, sample: int) -> int:
     for the first, so n=1 and the first of n give the same answer; a hash of both for the others."""
     if sample == 0:
         return int(seed)
-    digest = hashlib.sha256(f"{int(seed)}\x00#{int(sample)}".encode()).digest()
+    return _hashed_seed(f"{int(seed)}\x00#{int(sample)}")
+
+
+def retry_seed(seed: int, attempt: int) -> int:
+    """The seed of a row redone by retry `attempt` (1, 2, ...; `pipeline.generate.retry`): new for
+    every attempt, the same for the same attempt."""
+    return _hashed_seed(f"{int(seed)}\x00retry\x00{int(attempt)}")
+
+
+def _hashed_seed(key: str) -> int:
+    """A seed in the schema's range, from a hash of `key`."""
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "big") % (2**SEED_BITS - 1) + 1
 
 

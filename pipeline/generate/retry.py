@@ -21,7 +21,6 @@ Pure module: pyarrow and the output folder's own files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -32,7 +31,8 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
 from pipeline.generate.part_files import tmp_name
-from pipeline.sampling import SEED_BITS, engine_seed
+from pipeline.generate.samples import with_seeds
+from pipeline.sampling import retry_seed
 
 RETRIED_ERRORS = ("engine error:", "label scoring failed:")
 
@@ -91,35 +91,22 @@ def redo_reason(row: dict, max_tokens: int | None) -> str | None:
     return None
 
 
-def retry_seed(seed: int, attempt: int) -> int:
-    """The seed of a redone row on retry `attempt` (1, 2, ...): new for every attempt, the same for
-    the same attempt, in the schema's seed range."""
-    digest = hashlib.sha256(f"{int(seed)}\x00retry\x00{int(attempt)}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (2**SEED_BITS - 1) + 1
-
-
 def reseed_for_retry(batch: pa.Table, attempt: int, truncated: frozenset[str], max_tokens: int | None,
                      max_model_len: int | None = None) -> pa.Table:
     """Prepared rows (after `expand_samples`) as retry `attempt` runs them: each with its retry
     seed, and the rows in `truncated` with `max_tokens` (when it is larger than theirs, and as far
     as the context leaves room)."""
-    ids, seeds, params = (batch.column(c).to_pylist() for c in ("_id", "_seed", "_params"))
+    ids, params = batch.column("_id").to_pylist(), batch.column("_params").to_pylist()
     prompts = batch.column("_prompt_token_ids").to_pylist()
-    for i, seed in enumerate(seeds):
-        if seed is None:
-            continue
-        seeds[i] = retry_seed(seed, attempt)
-        if params[i] is not None:
-            kwargs = json.loads(params[i])
-            kwargs["seed"] = engine_seed(seeds[i])
-            if max_tokens is not None and ids[i] in truncated:
-                wanted = max(int(kwargs["max_tokens"]), int(max_tokens))
-                room = max_model_len - len(prompts[i] or ()) if max_model_len else wanted
-                kwargs["max_tokens"] = max(int(kwargs["max_tokens"]), min(wanted, room))
-            params[i] = json.dumps(kwargs)
-    for name, values, kind in (("_seed", seeds, pa.int64()), ("_params", params, pa.string())):
-        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, kind))
-    return batch
+    seeds = [retry_seed(s, attempt) if s is not None else None for s in batch.column("_seed").to_pylist()]
+    budgets: list[int | None] = [None] * len(ids)
+    if max_tokens is not None:
+        for i, row_id in enumerate(ids):
+            if row_id in truncated and params[i] is not None:
+                own = int(json.loads(params[i])["max_tokens"])
+                room = max_model_len - len(prompts[i] or ()) if max_model_len else max_tokens
+                budgets[i] = max(own, min(max(own, int(max_tokens)), room))
+    return with_seeds(batch, seeds, budgets)
 
 
 def replace_rows(plan: RedoPlan, new_rows: pa.Table) -> int:

@@ -41,19 +41,29 @@ def expand_samples(batch: pa.Table, n: int) -> pa.Table:
     if n == 1:
         return batch.append_column("_sample", pa.array(np.zeros(rows, dtype=np.int64)))
     out = batch.take(pa.array(np.repeat(np.arange(rows, dtype=np.int64), n)))
-    samples = np.tile(np.arange(n, dtype=np.int64), rows)
-    ids, seeds, params = (out.column(c).to_pylist() for c in ("_id", "_seed", "_params"))
-    for i, k in enumerate(samples.tolist()):
-        ids[i] = sample_id(ids[i], k)
-        if seeds[i] is not None:
-            seeds[i] = sample_seed(seeds[i], k)
-            if params[i] is not None:
-                kwargs = json.loads(params[i])
-                kwargs["seed"] = engine_seed(seeds[i])
-                params[i] = json.dumps(kwargs)
-    for name, values, kind in (("_id", ids, pa.string()), ("_seed", seeds, pa.int64()), ("_params", params, pa.string())):
-        out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, kind))
-    return out.append_column("_sample", pa.array(samples))
+    samples = np.tile(np.arange(n, dtype=np.int64), rows).tolist()
+    ids = [sample_id(row_id, k) for row_id, k in zip(out.column("_id").to_pylist(), samples)]
+    seeds = [sample_seed(s, k) if s is not None else None for s, k in zip(out.column("_seed").to_pylist(), samples)]
+    out = with_seeds(out, seeds)
+    out = out.set_column(out.schema.get_field_index("_id"), "_id", pa.array(ids, pa.string()))
+    return out.append_column("_sample", pa.array(samples, pa.int64()))
+
+
+def with_seeds(batch: pa.Table, seeds: list[int | None], max_tokens: list[int | None] | None = None) -> pa.Table:
+    """Prepared rows with `_seed` set to `seeds`, the same seed in each row's sampling parameters,
+    and (where `max_tokens` gives one) a new `max_tokens` there too."""
+    params = batch.column("_params").to_pylist()
+    for i, seed in enumerate(seeds):
+        if seed is None or params[i] is None:
+            continue
+        kwargs = json.loads(params[i])
+        kwargs["seed"] = engine_seed(seed)
+        if max_tokens is not None and max_tokens[i] is not None:
+            kwargs["max_tokens"] = max_tokens[i]
+        params[i] = json.dumps(kwargs)
+    for name, values, kind in (("_seed", seeds, pa.int64()), ("_params", params, pa.string())):
+        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, kind))
+    return batch
 
 
 def token_logprobs(token_ids: list[int], logprobs: list[dict] | None, top: int) -> list[dict] | None:

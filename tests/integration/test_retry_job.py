@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.generate.retry import retry_seed
+from pipeline.sampling import retry_seed
 
 pytestmark = pytest.mark.integration
 

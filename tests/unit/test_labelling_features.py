@@ -181,3 +181,17 @@ def test_exactly_once_counts_n_answers_per_row_and_only_the_selected_rows():
     problems = check_exactly_once([part([3, 4])], {"in.parquet": 10}, selected={"in.parquet": [3, 7]})
     assert problems == ["in.parquet: row 4 committed, but not among the rows the plan selected (limit)",
                         "in.parquet: row 7 missing"]
+
+
+def test_a_retry_reseeds_every_row_and_raises_only_the_truncated_rows_budget():
+    from pipeline.generate.retry import reseed_for_retry
+    from pipeline.sampling import retry_seed
+
+    params = [json.dumps({"max_tokens": 4, "seed": engine_seed(s)}) for s in (7, 8, 9)]
+    batch = pa.table({"_id": ["a", "b", "c"], "_seed": [7, 8, 9], "_params": params,
+                      "_prompt_token_ids": pa.array([[1] * 10, [1] * 10, [1] * 95], pa.list_(pa.int32()))})
+    out = reseed_for_retry(batch, 2, frozenset({"b", "c"}), 64, max_model_len=100)
+    assert out.column("_seed").to_pylist() == [retry_seed(s, 2) for s in (7, 8, 9)]
+    kwargs = [json.loads(p) for p in out.column("_params").to_pylist()]
+    assert [k["seed"] for k in kwargs] == [engine_seed(retry_seed(s, 2)) for s in (7, 8, 9)]
+    assert [k["max_tokens"] for k in kwargs] == [4, 64, 5]  # c: only the room its context leaves
