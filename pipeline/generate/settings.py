@@ -22,6 +22,7 @@ from pipeline.errors import UserError
 from pipeline.model_settings import ModelSettings, PromptSettings
 from pipeline.row_templates import RowTemplate, template_problems
 from pipeline.settings_common import absolute, build, looks_local, to_plain
+from pipeline.storage import uri_problem
 
 # More answers per row than this is a mistake, not a sampling plan: each is an output row.
 MAX_SAMPLES_PER_ROW = 1000
@@ -323,6 +324,12 @@ def _problems(s: dict) -> list[str]:
         problems.append("input: required: a Parquet file, a folder or a glob (e.g. input=data/sample_requests.parquet)")
     if not output.get("path"):
         problems.append("output.path: required: the folder to write Parquet parts and manifest.json into")
+    inputs = s.get("input") or []
+    for setting, uri in [("input", i) for i in ([inputs] if isinstance(inputs, str) else inputs)] + [
+            ("output.path", output.get("path") or "")]:
+        problem = uri_problem(str(uri), setting)
+        if problem:
+            problems.append(problem)
     need_int("workers", s.get("workers"), 1)
     need_int("batch_size", s.get("batch_size"), 1)
     if s.get("batches_in_flight") is not None:
