@@ -29,6 +29,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.console import JobConsole
 from pipeline.generate import config as job_config
+from pipeline.generate import dataset_inputs
 from pipeline.generate.config import AdapterSet
 from pipeline.generate.settings import GenerationSettings, RaySettings, Resources, resolve_resources
 from pipeline.errors import JobFailure, find_failure
@@ -62,7 +63,8 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
     # file under output.path: a refused job writes nothing.
     model_path = job_config.ensure_model(settings.model)
     plan = plan_shards(
-        list(settings.input),
+        dataset_inputs.parquet_inputs(settings.input, settings.dataset.split, settings.dataset.config_name,
+                                      _cache_folder()),
         id_column=settings.id_column,
         passthrough=list(settings.passthrough),
         rows_per_shard=settings.read.rows_per_shard,
@@ -255,6 +257,12 @@ def _stop(out: OutputDir, exc: Exception) -> None:
     else:
         raise exc
     raise JobFailure(f"{reason}\nThe rows committed so far are kept: rerun the same command to resume.") from exc
+
+
+def _cache_folder() -> str:
+    """The project's local cache ($PIPELINE_CACHE, else .cache), where a `datasets` input's split
+    is kept as Parquet (pipeline.generate.dataset_inputs)."""
+    return os.path.abspath(os.environ.get("PIPELINE_CACHE", ".cache"))
 
 
 def _log_file(output: storage.Location) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.generate.dataset_inputs import is_dataset_name
 from pipeline.model_settings import ModelSettings, PromptSettings
 from pipeline.row_templates import RowTemplate, template_problems
 from pipeline.settings_common import absolute, build, looks_local, to_plain
@@ -93,6 +94,17 @@ class OutputSettings:
     """Replace this job's earlier output in `path` instead of refusing or resuming."""
     rows_per_part: int = 1024
     """Rows per committed Parquet part."""
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    """For an input that is a Hugging Face `datasets` name or saved dataset
+    (pipeline.generate.dataset_inputs)."""
+
+    split: str = "train"
+    """The split to read."""
+    config_name: str | None = None
+    """The dataset's configuration (null: its default)."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +192,8 @@ class GenerationSettings:
     retry_max_tokens: int | None = None
     """With retry=errors: also redo the rows cut off by max_tokens, with this many tokens."""
     ray: RaySettings = field(default_factory=RaySettings)
+    dataset: DatasetSettings = field(default_factory=DatasetSettings)
+    """For a `datasets` name as input: its split and configuration."""
     progress: bool = True
     """Show the job's progress bar."""
     verbose: bool = False
@@ -208,7 +222,8 @@ class GenerationSettings:
         prompt = s.get("prompt") or {}
         stop = s.get("stop")
         return cls(
-            input=tuple(absolute(p) for p in inputs),
+            input=tuple(str(p) if is_dataset_name(str(p)) else absolute(p) for p in inputs),
+            dataset=build(DatasetSettings, s.get("dataset") or {}),
             output=build(OutputSettings, {**s["output"], "path": absolute(s["output"]["path"])}),
             model=build(ModelSettings, {**model, "path": model_path}),
             engine=build(EngineSettings, engine),

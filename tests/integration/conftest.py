@@ -25,6 +25,7 @@ def ray_session(s3_server):
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a new instance, never a cluster someone started on this machine
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

@@ -157,3 +157,29 @@ def test_a_changed_job_and_foreign_outputs_are_refused(folder):
     storage.resolve(folder).join("job.json").delete()
     with pytest.raises(OutputError, match="is not this project's job output"):
         store(folder).open(FP)
+
+
+def test_retry_reads_and_replaces_parts_on_a_store(folder):
+    """retry=errors on an object store: the failed rows are found in the parts there, and a part
+    is replaced whole (one PUT) with the redone rows in their place."""
+    import pyarrow as pa
+
+    from pipeline.generate.retry import replace_rows, rows_to_redo
+
+    part = rows("in.parquet", range(3))
+    part = part.append_column("id", pa.array(["a", "b", "c"])).set_column(
+        part.schema.get_field_index("error"), "error", pa.array([None, "engine error: boom", None], pa.string()))
+    with store(folder, rows_per_part=10) as out:
+        out.open(FP)
+        out.add(part)
+        out.flush()
+        paths = out.part_files()
+    plan = rows_to_redo(paths, None)
+    assert plan.ids == ["b"] and plan.sources == {"in.parquet": [1]}
+    redone = part.slice(1, 1).set_column(part.schema.get_field_index("error"), "error", pa.array([None], pa.string()))
+    assert replace_rows(plan, redone.set_column(redone.schema.get_field_index("response"), "response",
+                                                pa.array(["fixed"]))) == 1
+    loc = storage.resolve(paths[0])
+    table = pq.read_table(loc.path, filesystem=loc.filesystem)
+    assert table.column("id").to_pylist() == ["a", "b", "c"]
+    assert table.column("response").to_pylist() == ["r0", "fixed", "r2"] and table.column("error").null_count == 3
