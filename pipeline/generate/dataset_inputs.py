@@ -15,15 +15,18 @@ the hub's own Parquet files instead, which every node opens itself
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 
 from pipeline.settings_common import looks_local
-from pipeline.storage import has_glob, is_remote
+from pipeline.storage import is_remote
 
 # What `save_to_disk` leaves in a folder: one split, or a dict of splits.
 _SAVED_DATASET = ("state.json", "dataset_info.json")
 _SAVED_DICT = "dataset_dict.json"
+# A hub dataset's id: `name` or `owner/name` (a deeper relative path is a missing local folder).
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def is_saved_dataset(spec: str) -> bool:
@@ -33,12 +36,12 @@ def is_saved_dataset(spec: str) -> bool:
 
 
 def is_dataset_name(spec: str) -> bool:
-    """Whether an input names a `datasets` dataset rather than files: a hub name (not a URI, a
-    glob or a local path) or a folder saved by `save_to_disk`."""
+    """Whether an input names a `datasets` dataset rather than files: a hub name (`name` or
+    `owner/name`, not an existing local path) or a folder saved by `save_to_disk`."""
     spec = str(spec)
-    if is_remote(spec) or has_glob(spec) or spec.lower().endswith((".parquet", ".parq")):
+    if is_remote(spec) or spec.lower().endswith((".parquet", ".parq")):
         return False  # a missing Parquet file is reported as one, not looked up on the hub
-    return not looks_local(spec) or is_saved_dataset(spec)
+    return bool(_HUB_NAME.match(spec)) and not looks_local(spec) or is_saved_dataset(spec)
 
 
 def parquet_inputs(specs, split: str, config_name: str | None, cache: str) -> list[str]:

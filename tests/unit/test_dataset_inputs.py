@@ -12,7 +12,7 @@ def test_names_files_uris_and_saved_datasets_are_told_apart(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"prompt": ["a"]}).save_to_disk(str(tmp_path / "saved"))
     assert is_dataset_name("stanfordnlp/imdb") and is_dataset_name(str(tmp_path / "saved"))
-    for files in ("s3://bucket/in", "data/*.parquet", "missing.parquet", str(tmp_path)):
+    for files in ("s3://bucket/in", "data/*.parquet", "missing.parquet", "outputs/synth/parts", str(tmp_path)):
         assert not is_dataset_name(files)
 
 

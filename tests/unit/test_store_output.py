@@ -68,6 +68,9 @@ def test_parts_are_committed_whole_and_the_manifest_is_last(folder, monkeypatch)
     loc = storage.resolve(folder).join("parts")
     table = pq.read_table(loc.path, filesystem=loc.filesystem)
     assert sorted(table.column("source_row").to_pylist()) == [0, 1, 2, 3, 4]
+    from pipeline.generate.answers import load_outputs
+
+    assert sorted(r["source_row"] for r in load_outputs(folder)) == [0, 1, 2, 3, 4]
     again = store(folder)
     assert again.open(FP).complete and not again._lock.held
 
