@@ -90,14 +90,6 @@ def write_json_atomic(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_parquet_atomic(path: str, table: pa.Table) -> None:
-    tmp = tmp_name(path)
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass
 class Resume:
     """What earlier runs of this job committed."""
