@@ -92,3 +92,13 @@ def test_common_root_and_relative_names_are_store_independent():
     assert [storage.relative_name(u, storage.common_root(local)) for u in local] == [
         storage.relative_name(u, storage.common_root(remote)) for u in remote] == ["a.parquet", "sub/b.parquet"]
     assert storage.common_root(["/a.parquet", "/x/b.parquet"]) == "/"
+
+
+def test_a_scheme_whose_fsspec_package_is_missing_names_the_package():
+    pytest.importorskip("fsspec")
+    try:
+        import adlfs  # noqa: F401
+    except ImportError:
+        assert "pip install adlfs" in storage.uri_problem("az://container/in", "input")
+    else:
+        pytest.skip("adlfs is installed here")
