@@ -56,7 +56,8 @@ def run_replicas(settings: ServeSettings) -> None:
         # The replicas read the token as this process does: from their environment (Ray's runtime
         # environment carries it to them; it is never logged).
         env[token] = os.environ[token]
-    ray.init(address=settings.serve.ray_address, runtime_env={"env_vars": env}, include_dashboard=False)
+    # "local": a Ray of its own here, never one that happens to run on this machine.
+    ray.init(address=settings.serve.ray_address or "local", runtime_env={"env_vars": env}, include_dashboard=False)
     gpus = settings.serve.num_gpus
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0

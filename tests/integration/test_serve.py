@@ -18,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -229,6 +230,15 @@ def test_a_client_that_goes_away_aborts_its_request_in_the_engine(client, server
     assert len(aborted) == 1 and int(aborted[0].split(" after ")[1].split()[0]) < 1500, aborted
 
 
+def fire(base: str, n: int, body) -> list[tuple[int, str | None, float, dict]]:
+    """`n` requests at once (`body(i)` each), from an event loop in a thread of its own."""
+    out = []
+    thread = threading.Thread(target=lambda: out.append(asyncio.run(_fire(base, n, body))))
+    thread.start()
+    thread.join(timeout=900)
+    return out[0]
+
+
 async def _fire(base: str, n: int, body) -> list[tuple[int, str | None, float, dict]]:
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=base, headers={"authorization": f"Bearer {TOKEN}"}, timeout=300,
@@ -244,7 +254,7 @@ async def _fire(base: str, n: int, body) -> list[tuple[int, str | None, float, d
 def test_200_concurrent_requests_are_each_answered_once(client, server):
     before = client.get("/stats").json()
     started = time.perf_counter()
-    results = asyncio.run(_fire(server["base"], 200, lambda i: {"prompt": f"Item {i}", "max_tokens": 8, "seed": i + 1}))
+    results = fire(server["base"], 200, lambda i: {"prompt": f"Item {i}", "max_tokens": 8, "seed": i + 1})
     wall = time.perf_counter() - started
     assert [r[0] for r in results] == [200] * 200, {r[0] for r in results}
     assert len({r[1] for r in results}) == 200 and all(r[3]["success"] for r in results)
@@ -261,8 +271,8 @@ def test_200_concurrent_requests_are_each_answered_once(client, server):
 def test_beyond_the_queue_requests_get_429(client, server):
     before = client.get("/stats").json()
     n = MAX_PENDING + 60
-    results = asyncio.run(_fire(server["base"], n, lambda i: {"prompt": f"Busy {i}", "max_tokens": 48,
-                                                              "min_tokens": 48, "seed": i + 1}))
+    results = fire(server["base"], n, lambda i: {"prompt": f"Busy {i}", "max_tokens": 48,
+                                                              "min_tokens": 48, "seed": i + 1})
     codes = [r[0] for r in results]
     busy = [r for r in results if r[0] == 429]
     assert set(codes) == {200, 429} and len(busy) >= n - MAX_PENDING - 20, sorted(set(codes))
@@ -328,15 +338,16 @@ def test_sigterm_drains_the_requests_in_flight_then_exits(server):
     proc, base = server["proc"], server["base"]
     headers = {"authorization": f"Bearer {TOKEN}"}
 
-    async def scenario():
-        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120) as c:
-            running = asyncio.create_task(c.post(ROUTE, json={"prompt": "long", "max_tokens": 600, "min_tokens": 600,
-                                                              "seed": 1}))
-            await asyncio.sleep(1.0)
-            proc.send_signal(signal.SIGTERM)
-            return await running
-
-    res = asyncio.run(scenario())
+    answers = []
+    # A thread, not asyncio: the browser's Playwright keeps an event loop in this thread.
+    running = threading.Thread(target=lambda: answers.append(httpx.post(
+        base + ROUTE, headers=headers, timeout=120,
+        json={"prompt": "long", "max_tokens": 600, "min_tokens": 600, "seed": 1})))
+    running.start()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    running.join(timeout=120)
+    [res] = answers
     assert res.status_code == 200 and res.json()["result"]["usage"]["completion_tokens"] == 600
     assert proc.wait(timeout=60) == 0
     with pytest.raises(httpx.TransportError):
