@@ -133,3 +133,20 @@ def test_kind_gate_forgets_a_waiter_that_went_away():
             return gate.kind, len(gate.waiters)
 
     assert asyncio.run(scenario()) == ("lora", 0)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-awq", "llama-3.1-8b-instruct-awq"])
+def test_the_endpoint_reads_the_jobs_model_prompt_date_and_registry(model):
+    serve, generate = compose("serve", [f"model={model}"]), compose("generate", [f"model={model}"])
+    assert serve.model == generate.model and serve.lora_root == generate.lora_root
+    assert serve.prompt.date_string == generate.prompt.date_string
+    settings = ServeSettings.from_config(serve, environ={})
+    assert settings.engine.max_model_len == generate.engine.max_model_len
+
+
+def test_an_answer_is_read_as_the_batch_job_reads_it():
+    from pipeline.generate.answers import read_answer
+
+    assert read_answer("plain text", []) == ("plain text", [], None)
+    response, calls, status = read_answer('{"name": "get_weather", "parameters": {"city": "Paris"}}', ["get_weather"])
+    assert (response, calls, status) == ("", [{"name": "get_weather", "arguments": {"city": "Paris"}}], "parsed")
