@@ -15,6 +15,7 @@ same app runs under uvicorn (`pipeline.serve.server`) and in Ray Serve replicas
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 MODEL = "@cf/meta/llama-3.1-8b-instruct-awq"
 SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"
+# How often a non-streamed request checks that its client is still there.
+DISCONNECT_POLL_S = 0.5
 
 
 class BodyTooLarge(Exception):
@@ -148,9 +151,9 @@ def create_app(settings: ServeSettings, engine=None, served_by: str | None = Non
                                      headers={"x-request-id": request_id, "x-served-by": served_by,
                                               "cache-control": "no-cache"})
         try:
-            last = None
-            async for last in engine.generate(request_id, prepared, stream=False):
-                pass
+            last = await _whole(request, request_id, prepared)
+            if last is None:  # the client went away; the engine has let the request go
+                return answer(envelope.failure("the client closed the connection", 499), 499, request_id)
         except Exception as exc:
             log.warning("request %s failed in the engine: %s", request_id, exc)
             return answer(envelope.failure(f"engine error: {type(exc).__name__}: {exc}", 500), 500, request_id)
@@ -160,6 +163,27 @@ def create_app(settings: ServeSettings, engine=None, served_by: str | None = Non
         result = envelope.result(response, calls, last.prompt_tokens, last.completion_tokens,
                                  logprobs=engine.logprobs(prepared, last))
         return answer(envelope.success(result), 200, request_id)
+
+    async def _whole(request: Request, request_id: str, prepared: dict):
+        """The whole answer, or None once the client has disconnected (the request is then
+        cancelled, which aborts it in the engine)."""
+
+        async def last_piece():
+            last = None
+            async for last in engine.generate(request_id, prepared, stream=False):
+                pass
+            return last
+
+        task = asyncio.create_task(last_piece())
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return None
 
     async def _stream(request_id: str, prepared: dict):
         """Server-sent events: each new piece of text as it comes; with tools offered, the answer

@@ -71,7 +71,7 @@ def server(tiny_model_dir, registry, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LLAMA_BATCH_SERVE_TOKEN": TOKEN}
     cmd = [sys.executable, "-m", "jobs.serve", "model=tiny", f"model.path={tiny_model_dir}", f"port={port}",
            "engine.kv_cache_gib=0.25", f"lora_root={registry}", "auth.required=true",
-           f"limits.max_pending={MAX_PENDING}", f"limits.max_body_bytes={BODY_LIMIT}", "limits.shutdown_grace_s=20"]
+           f"limits.max_pending={MAX_PENDING}", f"limits.max_body_bytes={BODY_LIMIT}", "limits.shutdown_grace_s=90"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -91,7 +91,7 @@ def server(tiny_model_dir, registry, tmp_path_factory):
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=30)
@@ -226,8 +226,18 @@ def test_a_client_that_goes_away_aborts_its_request_in_the_engine(client, server
         assert time.monotonic() < deadline, stats
         time.sleep(0.2)
     assert stats["finished"] == before["finished"] and stats["pending"] == 0
+    # A plain (not streamed) request whose client gives up waiting is let go as well.
+    with pytest.raises(httpx.ReadTimeout):
+        client.post(ROUTE, json={**request, "stream": False}, timeout=httpx.Timeout(120, read=1.0))
+    while True:
+        stats = client.get("/stats").json()
+        if stats["aborted"] == before["aborted"] + 2 and stats["engine_unfinished"] == 0:
+            break
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.2)
+    assert stats["finished"] == before["finished"] and stats["pending"] == 0
     aborted = [line for line in server["log"].read_text().splitlines() if "aborted by its client" in line]
-    assert len(aborted) == 1 and int(aborted[0].split(" after ")[1].split()[0]) < 1500, aborted
+    assert len(aborted) == 2 and all(int(a.split(" after ")[1].split()[0]) < 1500 for a in aborted), aborted
 
 
 def fire(base: str, n: int, body) -> list[tuple[int, str | None, float, dict]]:
@@ -342,13 +352,16 @@ def test_sigterm_drains_the_requests_in_flight_then_exits(server):
     # A thread, not asyncio: the browser's Playwright keeps an event loop in this thread.
     running = threading.Thread(target=lambda: answers.append(httpx.post(
         base + ROUTE, headers=headers, timeout=120,
-        json={"prompt": "long", "max_tokens": 600, "min_tokens": 600, "seed": 1})))
+        json={"prompt": "long", "max_tokens": 400, "min_tokens": 400, "seed": 1})))
     running.start()
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while httpx.get(base + "/stats", headers=headers, timeout=30).json()["engine_unfinished"] < 1:
+        assert time.monotonic() < deadline and running.is_alive()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # while the request runs
     running.join(timeout=120)
     [res] = answers
-    assert res.status_code == 200 and res.json()["result"]["usage"]["completion_tokens"] == 600
-    assert proc.wait(timeout=60) == 0
+    assert res.status_code == 200 and res.json()["result"]["usage"]["completion_tokens"] == 400
+    assert proc.wait(timeout=120) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(base + "/healthz", timeout=5)
