@@ -58,15 +58,28 @@ def run_replicas(settings: ServeSettings) -> None:
         env[token] = os.environ[token]
     # "local": a Ray of its own here, never one that happens to run on this machine.
     ray.init(address=settings.serve.ray_address or "local", runtime_env={"env_vars": env}, include_dashboard=False)
-    gpus = settings.serve.num_gpus
-    if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(endpoint_app(settings, gpus), name="llama-endpoint", route_prefix="/")
-    log.info("serving %d replicas on http://%s:%d", settings.serve.replicas, settings.host, settings.port)
-    stop = threading.Event()
+    # Ray installs handlers of its own that end the process at once: SIGTERM and Ctrl-C should
+    # drain the replicas instead, even while they are still starting.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    serve.shutdown()
-    ray.shutdown()
+        signal.signal(sig, _stop)
+    try:
+        gpus = settings.serve.num_gpus
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(endpoint_app(settings, gpus), name="llama-endpoint", route_prefix="/")
+        log.info("serving %d replicas on http://%s:%d", settings.serve.replicas, settings.host, settings.port)
+        threading.Event().wait()
+    except _Stopped:
+        log.info("stopping: the replicas finish their requests (up to %ss)", settings.limits.shutdown_grace_s)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+class _Stopped(Exception):
+    """SIGTERM or Ctrl-C."""
+
+
+def _stop(signum, frame):
+    raise _Stopped()
