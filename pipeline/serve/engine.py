@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -114,8 +115,6 @@ class ServeEngine:
 
     def logprobs(self, prepared: dict, completion: Completion) -> list | None:
         """The answer's token log-probabilities, when the request asked (the batch job's `logprobs` column)."""
-        import json
-
         top = json.loads(prepared["_params"]).get("logprobs")
         return None if top is None else token_logprobs(completion.token_ids, completion.logprobs, top)
 

@@ -39,8 +39,16 @@ def endpoint_app(settings: ServeSettings, num_gpus: float):
             self.settings = settings
 
         def __serve_build_asgi_app__(self):
+            from pipeline.serve.engine import ServeEngine
+
             replica = serve.get_replica_context().replica_id.unique_id
-            return create_app(self.settings, served_by=f"replica-{replica}")
+            self.engine = ServeEngine(self.settings)
+            return create_app(self.settings, self.engine, served_by=f"replica-{replica}")
+
+        def check_health(self):
+            # Ray Serve replaces a replica whose check fails: here, one whose engine has died.
+            if not self.engine.ready:
+                raise RuntimeError("the replica's engine is not running")
 
     return Endpoint.bind(settings)
 

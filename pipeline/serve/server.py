@@ -7,8 +7,11 @@ the engine stops.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import threading
 
 from pipeline.serve.settings import ServeSettings
 
@@ -34,6 +37,20 @@ def run(cfg) -> None:
         def handle_exit(self, sig, frame) -> None:
             app.state.drain()
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's own re-raises the signal once drained, which would end the process as
+            # killed by it; a drained server has stopped as asked, and exits 0.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.limits.shutdown_grace_s)
