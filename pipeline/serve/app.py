@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from pipeline.generate.answers import read_answer
+from pipeline.generate.prepare import safe_text
 from pipeline.serve import envelope
 from pipeline.serve.gate import Admission
 from pipeline.serve.settings import ServeSettings
@@ -140,12 +141,11 @@ def create_app(settings: ServeSettings, engine=None, served_by: str | None = Non
         request_id = uuid.uuid4().hex
         try:
             prepared = engine.prepare(request_id, envelope.request_json(fields))
-        except BaseException:
-            admission.release()
-            raise
+        except Exception as exc:  # as the batch job words a row that fails this way
+            prepared = {"_error": f"preparing failed: {type(exc).__name__}: {exc}"}
         if prepared.get("_error") is not None:
             admission.release()
-            return answer(envelope.failure(prepared["_error"], 400), 400, request_id)
+            return answer(envelope.failure(safe_text(prepared["_error"]), 400), 400, request_id)
         if fields.get("stream") is True:
             return StreamingResponse(_stream(request_id, prepared), media_type="text/event-stream",
                                      headers={"x-request-id": request_id, "x-served-by": served_by,

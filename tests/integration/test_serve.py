@@ -57,15 +57,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def registry(tiny_model_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("serve_lora") / "lora"
-    publish_adapter(tiny_model_dir, root, "hello", seed=1)
-    return root
+def registry(tmp_path_factory) -> Path:
+    """The registry folder; the server fixture publishes its adapter."""
+    return tmp_path_factory.mktemp("serve_lora") / "lora"
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, registry, tmp_path_factory):
-    """The endpoint in a subprocess; stopped with SIGTERM (it must drain and exit by itself)."""
+    """The endpoint in a subprocess; stopped with SIGTERM (it must drain and exit by itself). The
+    adapter is published while the server starts: the server looks adapters up on first use."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LLAMA_BATCH_SERVE_TOKEN": TOKEN}
@@ -77,6 +77,7 @@ def server(tiny_model_dir, registry, tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     try:
+        publish_adapter(tiny_model_dir, registry, "hello", seed=1)
         while True:
             assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{log.read_text()[-4000:]}"
             assert time.monotonic() < deadline, f"not ready in 240 s:\n{log.read_text()[-4000:]}"
