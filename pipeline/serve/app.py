@@ -147,9 +147,9 @@ def create_app(settings: ServeSettings, engine=None, served_by: str | None = Non
             admission.release()
             return answer(envelope.failure(safe_text(prepared["_error"]), 400), 400, request_id)
         if fields.get("stream") is True:
-            return StreamingResponse(_stream(request_id, prepared), media_type="text/event-stream",
-                                     headers={"x-request-id": request_id, "x-served-by": served_by,
-                                              "cache-control": "no-cache"})
+            return EventStream(_stream(request_id, prepared), on_close=admission.release,
+                               headers={"x-request-id": request_id, "x-served-by": served_by,
+                                        "cache-control": "no-cache"})
         try:
             last = await _whole(request, request_id, prepared)
             if last is None:  # the client went away; the engine has let the request go
@@ -204,11 +204,27 @@ def create_app(settings: ServeSettings, engine=None, served_by: str | None = Non
         except Exception as exc:
             log.warning("request %s failed in the engine: %s", request_id, exc)
             yield envelope.sse_event({"error": f"engine error: {type(exc).__name__}: {exc}"})
-        finally:
-            admission.release()
         yield envelope.SSE_DONE
 
     return app
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that call `on_close` once the response is over, however it ends: sent
+    whole, or cut off by the client, even before its first event (when the events' generator
+    never starts, its own cleanup never runs)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
