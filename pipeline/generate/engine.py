@@ -77,7 +77,7 @@ def engine_kwargs(engine: dict, model_path: str, *, on_cpu: bool) -> dict:
     return kwargs
 
 
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
@@ -114,7 +114,7 @@ class GenerationWorker:
         # and memory, and the actor is already the unit of isolation Ray restarts.
         if int(engine.get("tensor_parallel_size", 1)) == 1:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if engine.get("batch_invariant") and _has_cuda():
+        if engine.get("batch_invariant") and has_cuda():
             # vLLM reads this when it is imported: its kernels then give a row the same logits
             # whatever else shares its batch (GPUs only; the CPU engine already does).
             os.environ["VLLM_BATCH_INVARIANT"] = "1"

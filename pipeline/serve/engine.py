@@ -13,11 +13,12 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
 from pipeline.generate.config import ensure_model, vllm_rank
-from pipeline.generate.engine import engine_kwargs, engine_request, on_cpu_platform
+from pipeline.generate.engine import engine_kwargs, engine_request, has_cuda, on_cpu_platform
 from pipeline.generate.samples import token_logprobs
 from pipeline.generate.tasks import preparer_for
 from pipeline.serve.adapters import ServedAdapters
@@ -61,6 +62,10 @@ class ServeEngine:
 
         started = time.perf_counter()
         s = self.settings
+        if s.engine.batch_invariant and has_cuda():
+            # As the batch job's engine: read by vLLM (and its engine process) when it starts, so
+            # that an answer does not depend on the requests it shares the GPU with.
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"
         model_path = ensure_model(s.model)
         base = preparer_for(s.preparer_settings(), model_path, revision=s.model.revision)
         self.preparer = dataclasses.replace(base, resolve_lora=self.adapters.check)
