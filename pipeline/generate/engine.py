@@ -266,7 +266,7 @@ class GenerationWorker:
         return results
 
     def _request(self, token_ids: list[int], params_json: str, lora: str | None):
-        return engine_request(token_ids, params_json, lora, self.adapters.get(lora) if lora is not None else None)
+        return engine_request(token_ids, params_json, lora, self.adapters[lora] if lora is not None else None)
 
     def _run(self, requests: list[tuple]) -> list:
         return self.loop.run(requests)
