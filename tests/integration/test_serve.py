@@ -222,21 +222,21 @@ def test_a_client_that_goes_away_aborts_its_request_in_the_engine(client, server
     deadline = time.monotonic() + 60
     while True:
         stats = client.get("/stats").json()
-        if stats["aborted"] == before["aborted"] + 1 and stats["engine_unfinished"] == 0:
+        if stats["aborted"] == before["aborted"] + 1 and stats["engine_unfinished"] == stats["pending"] == 0:
             break
         assert time.monotonic() < deadline, stats
         time.sleep(0.2)
-    assert stats["finished"] == before["finished"] and stats["pending"] == 0
+    assert stats["finished"] == before["finished"]
     # A plain (not streamed) request whose client gives up waiting is let go as well.
     with pytest.raises(httpx.ReadTimeout):
         client.post(ROUTE, json={**request, "stream": False}, timeout=httpx.Timeout(120, read=1.0))
     while True:
         stats = client.get("/stats").json()
-        if stats["aborted"] == before["aborted"] + 2 and stats["engine_unfinished"] == 0:
+        if stats["aborted"] == before["aborted"] + 2 and stats["engine_unfinished"] == stats["pending"] == 0:
             break
         assert time.monotonic() < deadline, stats
         time.sleep(0.2)
-    assert stats["finished"] == before["finished"] and stats["pending"] == 0
+    assert stats["finished"] == before["finished"]  # neither ran to its end
     aborted = [line for line in server["log"].read_text().splitlines() if "aborted by its client" in line]
     assert len(aborted) == 2 and all(int(a.split(" after ")[1].split()[0]) < 1500 for a in aborted), aborted
 
