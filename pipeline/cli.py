@@ -2,7 +2,7 @@
 
 Each job runs two ways, on the same configs:
 - in a checkout: `python -m jobs.generate ...` (`jobs/*.py`, configs read from `conf/`);
-- installed: the console scripts `llama-batch-generate` and `llama-batch-train`, anywhere, with the
+- installed: the console scripts `llama-batch-generate`, `llama-batch-train` and `llama-batch-serve`, anywhere, with the
   configs shipped inside the package (`pipeline.conf`, built from the same `conf/` folder).
 `llama-batch-adapters` (or `python -m pipeline.lora_registry`) lists an adapter registry;
 `llama-batch-export` (or `python -m jobs.export_lora`) writes an adapter out for deployment.
@@ -56,6 +56,14 @@ def run_train(cfg) -> None:
         run(cfg)
 
 
+def run_serve(cfg) -> None:
+    """The endpoint on a composed config (conf/serve.yaml)."""
+    from pipeline.serve.server import run
+
+    with exit_on_user_error():
+        run(cfg)
+
+
 def compose(config_name: str, overrides=(), config_dir: str | None = None):
     """A job's Hydra config `config_name` with `overrides` (key=value strings), as its entry point
     composes it, for Python callers (tests, the benchmark, notebooks): from `config_dir`, or the
@@ -91,6 +99,11 @@ def generate() -> None:
 def train() -> None:
     """Console script `llama-batch-train`: the LoRA training job."""
     hydra_entry(run_train, "train_lora")()
+
+
+def serve() -> None:
+    """Console script `llama-batch-serve`: the endpoint."""
+    hydra_entry(run_serve, "serve")()
 
 
 def _fmt_loss(x: Any) -> str:

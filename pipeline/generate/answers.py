@@ -26,6 +26,7 @@ __all__ = [
     "encode_tool_calls",
     "load_outputs",
     "parse_tool_calls",
+    "read_answer",
     "read_tool_calls",
 ]
 
@@ -71,6 +72,16 @@ def _reject_constant(name: str) -> Any:
 # "malformed"; the stored arguments are re-encoded as standard JSON anyway.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, strict=False)
 _DECODE_ERRORS = (ValueError, RecursionError)  # RecursionError: absurdly deep nesting
+
+
+def read_answer(text: str, offered_names: Collection[str]) -> tuple[str, list[dict], str | None]:
+    """A generated text as an answer: `(response, tool_calls, tool_parse)`. With no tools offered
+    the text is the response and `tool_parse` is None; else `parse_tool_calls` reads it. The
+    batch job (its `response`, `tool_calls`, `tool_parse` columns) and the endpoint both answer so."""
+    if not offered_names:
+        return text, [], None
+    parsed = parse_tool_calls(text, offered_names)
+    return parsed.response, parsed.tool_calls, parsed.status
 
 
 def parse_tool_calls(text: str, offered_names: Collection[str]) -> ParsedAnswer:

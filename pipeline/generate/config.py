@@ -99,54 +99,56 @@ def adapters_for(settings: GenerationSettings, plan: ShardPlan) -> AdapterSet:
     names = lora_names(plan)
     if not names:
         return AdapterSet()
-    from pipeline.lora_registry import AdapterError, AdapterRegistry
+    from pipeline.lora_registry import AdapterRegistry
 
     registry = AdapterRegistry(settings.lora_root)
-    base = settings.model
-    date = settings.prompt.date_string
-    accepted_bases = _identities([base.name, base.path, base.train_path])
-    limit = settings.engine.lora.max_rank_limit
-    adapters: dict[str, dict] = {}
-    for name in names:
-        try:
-            adapter = registry.resolve(name)
-            fingerprint = adapter.content_hash
-        except AdapterError as exc:
-            adapters[name] = {"error": str(exc), "reason": getattr(exc, "code", "adapter_error")}
-            continue
-        except (OSError, ValueError) as exc:
-            adapters[name] = {"error": f"adapter '{name}' cannot be read: {exc}", "reason": "unreadable"}
-            continue
-        if not _identities(adapter.base_identities) & accepted_bases:
-            adapters[name] = {
-                "error": f"adapter '{name}' was trained for base model '{adapter.base_model}', "
-                f"but this job runs '{base.name}' ({base.path})",
-                "reason": "other_base_model",
-            }
-        elif trained_date(adapter.manifest) not in (None, date):
-            adapters[name] = {
-                "error": f"adapter '{name}' was trained on prompts dated '{trained_date(adapter.manifest)}', "
-                f"but this job renders '{date}' (prompt.date_string); "
-                "set prompt.date_string to the adapter's, or retrain it",
-                "reason": "other_prompt_date",
-            }
-        elif adapter.rank > limit:
-            adapters[name] = {
-                "error": f"adapter '{name}' has rank {adapter.rank}, above the engine's limit of {limit} "
-                "(engine.lora.max_rank_limit)",
-                "reason": "rank_above_limit",
-            }
-        else:
-            adapters[name] = {"path": str(adapter.path), "lora_int_id": adapter.lora_int_id, "rank": adapter.rank,
-                              "fingerprint": fingerprint}
+    adapters = {name: adapter_entry(registry, name, settings.model, settings.prompt.date_string,
+                                    settings.engine.lora.max_rank_limit) for name in names}
     usable = [a for a in adapters.values() if "error" not in a]
     if not usable:
         return AdapterSet(adapters)
     return AdapterSet(
         adapters,
-        max_rank=_vllm_rank(max(a["rank"] for a in usable)),
+        max_rank=vllm_rank(max(a["rank"] for a in usable)),
         max_loras=max(1, min(len(usable), settings.engine.lora.max_loras_limit)),
     )
+
+
+def adapter_entry(registry, name: str, base: ModelSettings, date: str | None, limit: int) -> dict:
+    """Adapter `name` of `registry` (`pipeline.lora_registry.AdapterRegistry`) as an engine serving
+    `base` with prompts dated `date` and ranks up to `limit` may load it: {"path", "lora_int_id",
+    "rank", "fingerprint"}, or {"error", "reason"} saying why not. The job checks the adapters its
+    input names with it; the endpoint (`pipeline.serve.adapters`) each adapter on first use."""
+    from pipeline.lora_registry import AdapterError
+
+    try:
+        adapter = registry.resolve(name)
+        fingerprint = adapter.content_hash
+    except AdapterError as exc:
+        return {"error": str(exc), "reason": getattr(exc, "code", "adapter_error")}
+    except (OSError, ValueError) as exc:
+        return {"error": f"adapter '{name}' cannot be read: {exc}", "reason": "unreadable"}
+    if not _identities(adapter.base_identities) & _identities([base.name, base.path, base.train_path]):
+        return {
+            "error": f"adapter '{name}' was trained for base model '{adapter.base_model}', "
+            f"but this job runs '{base.name}' ({base.path})",
+            "reason": "other_base_model",
+        }
+    if trained_date(adapter.manifest) not in (None, date):
+        return {
+            "error": f"adapter '{name}' was trained on prompts dated '{trained_date(adapter.manifest)}', "
+            f"but this job renders '{date}' (prompt.date_string); "
+            "set prompt.date_string to the adapter's, or retrain it",
+            "reason": "other_prompt_date",
+        }
+    if adapter.rank > limit:
+        return {
+            "error": f"adapter '{name}' has rank {adapter.rank}, above the engine's limit of {limit} "
+            "(engine.lora.max_rank_limit)",
+            "reason": "rank_above_limit",
+        }
+    return {"path": str(adapter.path), "lora_int_id": adapter.lora_int_id, "rank": adapter.rank,
+            "fingerprint": fingerprint}
 
 
 def trained_date(manifest: dict) -> str | None:
@@ -176,7 +178,7 @@ def check_adapter_request(adapters: dict[str, dict], name: str) -> None:
         raise ValueError(adapter["error"])
 
 
-def _vllm_rank(rank: int) -> int:
+def vllm_rank(rank: int) -> int:
     # vLLM accepts only these max_lora_rank values.
     for allowed in (1, 8, 16, 32, 64, 128, 256, 320, 512):
         if rank <= allowed:

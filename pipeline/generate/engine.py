@@ -77,7 +77,7 @@ def engine_kwargs(engine: dict, model_path: str, *, on_cpu: bool) -> dict:
     return kwargs
 
 
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
@@ -114,7 +114,7 @@ class GenerationWorker:
         # and memory, and the actor is already the unit of isolation Ray restarts.
         if int(engine.get("tensor_parallel_size", 1)) == 1:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if engine.get("batch_invariant") and _has_cuda():
+        if engine.get("batch_invariant") and has_cuda():
             # vLLM reads this when it is imported: its kernels then give a row the same logits
             # whatever else shares its batch (GPUs only; the CPU engine already does).
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
@@ -235,16 +235,12 @@ class GenerationWorker:
                 cols["label_probs"][row] = probs
 
     def _fill_answer(self, cols: dict, i: int, text: str, offered: list[str]) -> None:
-        if not offered:
-            cols["response"][i] = text
-            cols["tool_calls"][i] = []
-            return
-        from pipeline.generate.answers import encode_tool_calls, parse_tool_calls
+        from pipeline.generate.answers import encode_tool_calls, read_answer
 
-        parsed = parse_tool_calls(text, offered)
-        cols["response"][i] = parsed.response
-        cols["tool_calls"][i] = encode_tool_calls(parsed.tool_calls)
-        cols["tool_parse"][i] = parsed.status
+        response, calls, status = read_answer(text, offered)
+        cols["response"][i] = response
+        cols["tool_calls"][i] = encode_tool_calls(calls)
+        cols["tool_parse"][i] = status
 
     def _generate(self, prompts: list[list[int]], params: list[str], loras: list[str | None]) -> list:
         try:
@@ -270,19 +266,25 @@ class GenerationWorker:
         return results
 
     def _request(self, token_ids: list[int], params_json: str, lora: str | None):
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.lora.request import LoRARequest
-        from vllm.sampling_params import StructuredOutputsParams
-
-        kwargs = json.loads(params_json)
-        if "structured_outputs" in kwargs:
-            kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
-        lora_request = None
-        if lora is not None:
-            adapter = self.adapters[lora]
-            lora_request = LoRARequest(lora, adapter["lora_int_id"], adapter["path"])
-        return TokensPrompt(prompt_token_ids=token_ids), SamplingParams(**kwargs), lora_request
+        return engine_request(token_ids, params_json, lora, self.adapters[lora] if lora is not None else None)
 
     def _run(self, requests: list[tuple]) -> list:
         return self.loop.run(requests)
+
+
+def engine_request(token_ids: list[int], params_json: str, lora: str | None, adapter: dict | None = None) -> tuple:
+    """A prepared row as vLLM takes it: (prompt, SamplingParams, LoRARequest or None). `adapter` is
+    the row's adapter ({"path", "lora_int_id"}, `pipeline.generate.config.AdapterSet`). The
+    endpoint (`pipeline.serve.engine`) builds its requests here too, so both sample alike."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kwargs = json.loads(params_json)
+    if "structured_outputs" in kwargs:
+        kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
+    lora_request = None
+    if lora is not None:
+        lora_request = LoRARequest(lora, adapter["lora_int_id"], adapter["path"])
+    return TokensPrompt(prompt_token_ids=token_ids), SamplingParams(**kwargs), lora_request

@@ -25,7 +25,9 @@ def ray_session(s3_server):
 
     if not ray.is_initialized():
         ray.init(
-            address="local",  # a new instance, never a cluster someone started on this machine
+            # A Ray of the session's own, never another that runs on this machine (a server under
+            # test, another checkout's tests): those would refuse num_cpus, or mix workloads.
+            address="local",
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

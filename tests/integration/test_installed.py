@@ -52,7 +52,18 @@ def test_installed_package_and_configs_come_from_the_wheel(installed, tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
     ).stdout.split()
     assert all(Path(p).is_relative_to(target) for p in where), where
-    assert sorted(p.name for p in (target / "pipeline" / "conf").glob("*.yaml")) == ["generate.yaml", "train_lora.yaml"]
+    assert sorted(p.name for p in (target / "pipeline" / "conf").glob("*.yaml")) == ["generate.yaml", "serve.yaml",
+                                                                                     "train_lora.yaml"]
+    assert (target / "pipeline" / "serve" / "playground.html").is_file()
+
+
+def test_installed_server_refuses_to_listen_beyond_this_machine_without_a_token(installed, tmp_path):
+    target, env = installed
+    env = {k: v for k, v in env.items() if k != "LLAMA_BATCH_SERVE_TOKEN"}
+    refused = subprocess.run([str(target / "bin" / "llama-batch-serve"), "model=tiny", "host=0.0.0.0"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr[-4000:]
+    assert "LLAMA_BATCH_SERVE_TOKEN" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_console_scripts_train_then_generate_from_an_empty_directory(installed, tiny_model_dir, tmp_path):

@@ -15,8 +15,9 @@ BENCHMARKS = ROOT / "benchmarks"
 
 # framework -> the modules (paths relative to pipeline/) allowed to import it, at any depth.
 ALLOWED = {
-    "vllm": {"generate/engine.py", "models/vllm_plugin.py"},
-    "ray": {"generate/job.py", "train/job.py", "train/ray_train.py"},
+    "vllm": {"generate/engine.py", "models/vllm_plugin.py", "serve/engine.py"},
+    # serve/replicas.py: the endpoint's Ray Serve deployment.
+    "ray": {"generate/job.py", "train/job.py", "train/ray_train.py", "serve/replicas.py"},
     # The engine runs vLLM, itself torch: it sizes torch's thread pool before the engine starts.
     "torch": {"generate/engine.py"},
     "peft": set(),
@@ -34,7 +35,7 @@ BENCHMARK_ALLOWED = {
     "transformers": {"lora.py", "plain_peft.py"},
 }
 # Modules of the shared core, which import nothing from the jobs' subpackages.
-JOB_PACKAGES = ("pipeline.generate", "pipeline.train", "pipeline.models")
+JOB_PACKAGES = ("pipeline.generate", "pipeline.train", "pipeline.models", "pipeline.serve")
 # The entry points sit above the jobs: they start them (each job's `run`, imported when called).
 ENTRY_POINTS = {"cli.py"}
 
@@ -83,7 +84,11 @@ def test_the_jobs_do_not_depend_on_each_other():
         if module.startswith("generate/"):
             assert not {n for n in found if n.startswith("pipeline.train")}, module
         if module.startswith("train/"):
-            assert not {n for n in found if n.startswith("pipeline.generate")}, module
+            assert not {n for n in found if n.startswith(("pipeline.generate", "pipeline.serve"))}, module
+        if module.startswith("generate/"):
+            assert not {n for n in found if n.startswith("pipeline.serve")}, module
+        if module.startswith("serve/"):  # the endpoint reuses generation's request path, never training
+            assert not {n for n in found if n.startswith("pipeline.train")}, module
 
 
 @pytest.mark.parametrize("module", BENCHMARK_MODULES)

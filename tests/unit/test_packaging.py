@@ -43,7 +43,8 @@ def test_every_data_file_is_covered_by_package_data():
 
 def test_console_scripts_name_functions_that_exist():
     scripts = PROJECT["project"]["scripts"]
-    assert {"llama-batch-generate", "llama-batch-train", "llama-batch-adapters", "llama-batch-export"} <= set(scripts)
+    assert {"llama-batch-generate", "llama-batch-train", "llama-batch-adapters", "llama-batch-export",
+            "llama-batch-serve"} <= set(scripts)
     for target in scripts.values():
         module, _, attr = target.partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), target
