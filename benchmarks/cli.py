@@ -15,7 +15,8 @@ import benchmarks
 from benchmarks.memory import GiB
 from benchmarks.report import log, report
 
-PHASES = ("train", "bare", "job", "raydata", "lora")
+PHASES = ("train", "bare", "job", "raydata", "lora", "label")
+CONTENDERS = ("bare", "job", "raydata")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,6 +38,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256, help="every engine's max_num_seqs (vLLM's CPU default)")
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="every engine's (vLLM's CPU default)")
     p.add_argument("--ray-cpus", type=int, default=os.cpu_count(), help="CPUs Ray may schedule on (default: all)")
+    p.add_argument("--label-rows", type=int, default=None,
+                   help="rows of the labelling comparison (phase label; default: --rows)")
+    p.add_argument("--label-max-tokens", type=int, default=4, help="answer tokens per labelling row (default 4)")
+    p.add_argument("--label-instruction-tokens", type=int, default=1000,
+                   help="about how many tokens the labelling rows' shared instruction has (default 1000)")
+    p.add_argument("--driver-scale", action="store_true",
+                   help="only the driver's limits, with no engine: planning many files, committing many rows")
+    p.add_argument("--scale-files", type=int, default=10_000, help="input files of --driver-scale's planning")
+    p.add_argument("--scale-rows", type=int, default=10_000_000, help="rows over those files")
+    p.add_argument("--commit-rows", type=int, default=1_000_000, help="rows --driver-scale commits")
+    p.add_argument("--commit-rows-per-part", default="1024,16384",
+                   help="output.rows_per_part values --driver-scale commits with (the first also through Ray Data)")
     p.add_argument("--lora-adapters", type=int, default=4, help="adapters the LoRA run spreads its rows over")
     p.add_argument("--lora-rows", type=int, default=None, help="rows of the LoRA runs (default: --rows)")
     p.add_argument("--train-rows", type=int, default=256, help="conversations of the training comparison")
@@ -109,7 +122,7 @@ def main(argv=None) -> int:
 
     mem = TreeMemory()
     if not args.memory_scan:  # the scan runs each job in its own process, with its own Ray
-        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -142,19 +155,27 @@ def run_comparisons(args, model_path: str, workdir: Path, mem, time_left, result
     that one failing later still leaves it in the JSON."""
     from benchmarks.batch_scan import batch_scan
     from benchmarks.generation import main_comparison
+    from benchmarks.labelling import labelling_comparison
     from benchmarks.lora import lora_comparison
     from benchmarks.memory_scan import memory_scan
     from benchmarks.training import train_comparison
 
     if args.memory_scan:
         results["memory_scan"] = memory_scan(args, model_path, workdir, mem, time_left)
+    elif args.driver_scale:
+        from benchmarks.driver_scale import driver_scale
+
+        results["driver_scale"] = driver_scale(args, workdir, mem)
     elif args.batch_scan:
         results["batch_scan"] = batch_scan(args, model_path, workdir, mem, time_left)
     else:
         if "train" in args.phases and time_left("train"):
             results["train"] = train_comparison(args, model_path, workdir, mem)
-        main_phases = [p for p in ("bare", "job", "raydata") if p in args.phases]
+        main_phases = [p for p in CONTENDERS if p in args.phases]
         if main_phases:
             results["main"] = main_comparison(args, model_path, workdir, mem, main_phases, time_left)
+        if "label" in args.phases and time_left("label"):
+            results["labelling"] = labelling_comparison(args, model_path, workdir, mem, main_phases or list(CONTENDERS),
+                                                        time_left)
         if "lora" in args.phases and time_left("lora"):
             results["lora"] = lora_comparison(args, model_path, workdir, mem)

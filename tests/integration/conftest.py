@@ -23,6 +23,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a Ray of its own, even where `ray start` left one running
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,
