@@ -79,6 +79,9 @@ def run_bare(prepared, engine_kwargs: dict, mem: TreeMemory) -> RunResult:
         texts = {i: o.outputs[0].text for i, o in zip(ids, outputs)}
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+        # Frees the engine now (an engine-core process with its GPU memory, on GPU): the next
+        # contender needs the device.
+        llm.llm_engine.engine_core.shutdown()
         del llm, outputs
         gc.collect()
     # The import happened in a child (this process has vLLM loaded already); a script pays it.

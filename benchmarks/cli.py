@@ -34,9 +34,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run the job with these overrides, as its own contender (repeatable)")
     p.add_argument("--startup-runs", action="store_true",
                    help="also time a one-row run of the job and Ray Data LLM before each (their start-up)")
-    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache of every engine (the job's CPU default)")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="every engine's max_num_seqs (vLLM's CPU default)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="every engine's (vLLM's CPU default)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="where every engine runs (gpu: one GPU per engine, the job's GPU settings)")
+    p.add_argument("--model", default="tiny",
+                   help="conf/model/ config of every contender (default tiny; e.g. llama-3.1-8b-instruct-awq on a GPU)")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV cache of every engine (default: 1 on CPU, the job's CPU default; on GPU vLLM's share)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="every engine's max_num_seqs (default: 256 on CPU, vLLM's CPU default; on GPU vLLM's)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="every engine's (default: 4096 on CPU, vLLM's CPU default; on GPU vLLM's)")
     p.add_argument("--ray-cpus", type=int, default=os.cpu_count(), help="CPUs Ray may schedule on (default: all)")
     p.add_argument("--label-rows", type=int, default=None,
                    help="rows of the labelling comparison (phase label; default: --rows)")
@@ -65,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=3600, help="skip phases not started within this many seconds")
     args = p.parse_args(argv)
     args.phases = [x.strip() for x in args.phases.split(",") if x.strip()]
+    if args.device == "cpu":
+        args.kv_cache_gib = 1.0 if args.kv_cache_gib is None else args.kv_cache_gib
+        args.max_num_seqs = args.max_num_seqs or 256
+        args.max_num_batched_tokens = args.max_num_batched_tokens or 4096
     unknown = set(args.phases) - set(PHASES)
     if unknown:
         p.error(f"unknown phase(s) {sorted(unknown)}; pick from {','.join(PHASES)}")
@@ -96,9 +107,11 @@ def environment() -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # Before anything imports vLLM: engines in this process (bare vLLM) and in Ray workers run in
-    # their own process rather than spawning an engine-core subprocess, as the job's workers do.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # Before anything imports vLLM: every engine runs in the mode the job's workers run it in
+    # (pipeline.generate.settings.engine_multiprocessing): in its process on CPU, with vLLM's
+    # engine-core process on GPU.
+    multiprocessing = "1" if args.device == "gpu" else "0"
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", multiprocessing)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import ray
 
@@ -107,7 +120,15 @@ def main(argv=None) -> int:
     from pipeline.models.tiny_model import ensure_tiny_model
 
     cache = Path(os.environ.get("PIPELINE_CACHE", ".cache"))
-    model_path = str(ensure_tiny_model((cache if cache.is_absolute() else ROOT / cache) / "models" / "tiny-llama-3.1"))
+    if args.model == "tiny":
+        model_path = str(ensure_tiny_model((cache if cache.is_absolute() else ROOT / cache) / "models" / "tiny-llama-3.1"))
+    else:  # the model config's own path (a hub id is downloaded once by the job's first run)
+        from benchmarks.job_config import compose
+        from pipeline.generate import config as job_config
+        from pipeline.generate.settings import GenerationSettings
+
+        settings = GenerationSettings.from_config(compose("generate", [f"model={args.model}"]))
+        model_path = job_config.ensure_model(settings.model)
     began = time.perf_counter()
     env = environment()
     log(f"{env['cpu']}, {env['cores']} cores, load average {env['load_average_at_start']}")
@@ -123,7 +144,8 @@ def main(argv=None) -> int:
     mem = TreeMemory()
     if not args.memory_scan:  # the scan runs each job in its own process, with its own Ray
         ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}})
+                 runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": multiprocessing,
+                                           "TOKENIZERS_PARALLELISM": "false"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

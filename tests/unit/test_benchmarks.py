@@ -275,3 +275,17 @@ def test_the_report_prints_the_driver_scale_figures():
     }
     text = report(results)
     assert "planning 10 files / 100 rows" in text and "10,000" in text and "commit, sink only" in text
+
+
+def test_gpu_runs_leave_the_engine_sizes_to_the_jobs_gpu_settings():
+    from benchmarks.job_config import job_overrides
+    from pipeline.generate.settings import GenerationSettings
+
+    cpu = parse_args([])
+    assert (cpu.device, cpu.kv_cache_gib, cpu.max_num_seqs, cpu.max_num_batched_tokens) == ("cpu", 1.0, 256, 4096)
+    gpu = parse_args(["--device", "gpu", "--model", "llama-3.1-8b-instruct-awq", "--max-num-seqs", "512"])
+    overrides = job_overrides(gpu, "org/model", "/in.parquet", "/out")  # a hub id: nothing to find here
+    assert {"device=gpu", "model=llama-3.1-8b-instruct-awq", "engine.kv_cache_gib=null", "engine.max_num_seqs=512",
+            "engine.max_num_batched_tokens=null"} <= set(overrides)
+    settings = GenerationSettings.from_config(compose("generate", overrides))
+    assert settings.engine.kv_cache_gib is None and settings.engine.max_num_seqs == 512 and settings.device == "gpu"
