@@ -112,7 +112,10 @@ def commit(args, workdir: Path, mem: TreeMemory) -> dict:
             if mode == "sink only":
                 batches = iter(made)
             else:
+                # As the job's pipeline: read tasks of 4,096 rows, blocks of one batch each, then
+                # the engine stage (here the stand-in) and the driver's commit.
                 ds = ray.data.range(n, override_num_blocks=max(1, n // 4096))
+                ds = ds.repartition(target_num_rows_per_block=BATCH_ROWS)
                 ds = ds.map_batches(_stand_in, batch_size=BATCH_ROWS, batch_format="pyarrow")
                 batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
             for batch in batches:
@@ -131,6 +134,7 @@ def commit(args, workdir: Path, mem: TreeMemory) -> dict:
 
 
 def driver_scale(args, workdir: Path, mem: TreeMemory) -> dict:
-    """Planning and committing at scale on this machine; the results' `driver_scale`."""
+    """Planning and committing at scale on this machine (`--scale-files 0`: committing only); the
+    results' `driver_scale`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return {"planning": planning(args, workdir, mem), "commit": commit(args, workdir, mem)}
+    return {"planning": planning(args, workdir, mem) if args.scale_files else None, "commit": commit(args, workdir, mem)}

@@ -107,10 +107,13 @@ def batch_scan_section(bs: dict) -> list[str]:
 
 def driver_scale_section(ds: dict) -> list[str]:
     p, c = ds["planning"], ds["commit"]
-    return [f"\nDriver scale, no engine: planning {p['files']:,} files / {p['rows']:,} rows (written in {p['write_s']}s)",
-            table(p["runs"], [("run", "name", ""), ("files", "files", ","), ("rows", "rows", ","), ("shards", "shards", ","),
-                              ("s", "seconds", ".1f"), ("files/s", "files_per_s", ",.0f"),
-                              ("peak RSS GiB", "peak_rss_gib", ".2f"), ("rise GiB", "rise_rss_gib", ".2f")]),
+    lines = ["\nDriver scale, no engine"]
+    if p:
+        lines += [f"planning {p['files']:,} files / {p['rows']:,} rows (written in {p['write_s']}s)",
+                  table(p["runs"], [("run", "name", ""), ("files", "files", ","), ("rows", "rows", ","),
+                                    ("shards", "shards", ","), ("s", "seconds", ".1f"), ("files/s", "files_per_s", ",.0f"),
+                                    ("peak RSS GiB", "peak_rss_gib", ".2f"), ("rise GiB", "rise_rss_gib", ".2f")])]
+    return lines + [
             f"committing {c['rows']:,} rows of short answers ({c['answer']!r}) in batches of {c['batch_rows']}",
             table(c["runs"], [("run", "name", ""), ("rows/part", "rows_per_part", ","), ("rows", "rows", ","), ("s", "seconds", ".1f"),
                               ("rows/s", "rows_per_s", ",.0f"), ("parts", "parts", ","),

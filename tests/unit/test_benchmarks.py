@@ -274,7 +274,7 @@ def test_the_report_prints_the_driver_scale_figures():
         },
     }
     text = report(results)
-    assert "planning 10 files / 100 rows" in text and "10,000" in text and "commit, sink only" in text
+    assert "planning 10 files / 100 rows" in text and "Driver scale, no engine" in text and "10,000" in text and "commit, sink only" in text
 
 
 def test_gpu_runs_leave_the_engine_sizes_to_the_jobs_gpu_settings():
