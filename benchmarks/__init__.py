@@ -1,6 +1,6 @@
 """Throughput and memory of the generation job against bare vLLM and Ray Data LLM.
 
-    python -m benchmarks                           # bare vLLM, the job, Ray Data LLM, LoRA, training
+    python -m benchmarks                           # bare vLLM, the job, Ray Data LLM, LoRA, training, labelling
     python -m benchmarks --rows 512 --max-tokens 128 --repeats 2 --out results.json
     python -m benchmarks --phases bare,job --job-set batch_size=256    # try a job setting
     python -m benchmarks --memory-scan             # the job's peak memory at 1k and 20k rows
