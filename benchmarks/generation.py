@@ -105,7 +105,7 @@ def compare(args, model_path, workdir, mem, phases, time_left, requests: list[di
             log(f"repeat {rep + 1}/{args.repeats}: {c.name} ...")
             startup = None
             if c.phase == "bare":
-                r = bare_vllm.run_bare(prepared, engine_kwargs, mem)
+                r = bare_vllm.run_bare(prepared, engine_kwargs, mem, workdir)
             elif c.phase == "job":
                 if args.startup_runs:
                     startup = run_job(args, model_path, one_row, workdir, mem, "job start-up", c.extra)
