@@ -1,9 +1,11 @@
 """Throughput and memory of the generation job against bare vLLM and Ray Data LLM.
 
-    python -m benchmarks                           # bare vLLM, the job, Ray Data LLM, LoRA, training
+    python -m benchmarks                           # bare vLLM, the job, Ray Data LLM, LoRA, training, labelling
     python -m benchmarks --rows 512 --max-tokens 128 --repeats 2 --out results.json
     python -m benchmarks --phases bare,job --job-set batch_size=256    # try a job setting
     python -m benchmarks --memory-scan             # the job's peak memory at 1k and 20k rows
+    python -m benchmarks --phases label            # rows sharing a ~1,000-token instruction, short answers
+    python -m benchmarks --driver-scale            # planning 10,000 files, committing 1 M rows, no engine
 
 Everything runs in one process, with the project's tiny model on the CPU, against one Ray instance
 started there (as the integration tests do), on the same rows (`workload`): mixed-length chat
@@ -20,8 +22,11 @@ One module per contender, each returning a `results.RunResult` (or `TrainResult`
     lora          the job and a bare engine, rows spread over random adapters against none
     plain_peft    the textbook PEFT training loop, against `pipeline.train.job` (`training`)
 
-and one per comparison: `generation` (the first three), `lora`, `training`, `batch_scan`,
-`memory_scan`. `memory` samples the process tree, `report` prints, `cli` reads the flags.
+and one per comparison: `generation` (the first three), `labelling` (the first three on rows that
+share a long instruction), `lora`, `training`, `batch_scan`, `memory_scan`, and `driver_scale` (the
+driver's planning and commit limits, no engine). `memory` samples the process tree, `report`
+prints, `cli` reads the flags. `--device gpu --model llama-3.1-8b-instruct-awq` runs the same
+comparisons on a GPU with the job's GPU settings.
 
 Each contender's wall time includes starting its engine, since a batch job pays that too; the
 bare engine's start-up is also shown on its own. Memory is the summed RSS (and PSS) of this

@@ -1,14 +1,14 @@
-"""Contender: bare vLLM, `vllm.LLM.generate` over every prompt in one call, in this process.
+"""Contender: bare vLLM, `vllm.LLM.generate` over every prompt in one call, in a script of its own.
 
 The engine's ceiling: what a script that does nothing but generate gets. It runs with the job's
 engine arguments (`pipeline.generate.engine.engine_kwargs`) on the job's token ids and sampling
-parameters (`benchmarks.workload.prepared_table`). Its wall time counts importing vLLM in a fresh
-interpreter and starting the engine, as a script pays them.
+parameters (`benchmarks.workload.prepared_table`), in its own process: its wall time is the whole
+process (interpreter, importing vLLM, starting the engine, generating), as a script pays them, and
+no thread of the benchmark (the memory sampler, Ray's driver) shares the engine's interpreter.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
@@ -43,14 +43,6 @@ class SavedProcessState:
             os.sched_setaffinity(0, self.affinity)
 
 
-def vllm_import_seconds() -> float:
-    """What importing vLLM costs a fresh interpreter (bare vLLM pays it in its own script, the
-    job's workers in their processes); measured in a child since this process has it loaded."""
-    code = "import time; t = time.perf_counter(); import vllm; print(time.perf_counter() - t)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    return float(proc.stdout.strip().splitlines()[-1])
-
-
 def token_prompts_and_params(prepared) -> tuple[list, list]:
     """vLLM's prompts and sampling parameters for the job's prepared rows."""
     from vllm import SamplingParams
@@ -61,32 +53,61 @@ def token_prompts_and_params(prepared) -> tuple[list, list]:
     return prompts, params
 
 
-def run_bare(prepared, engine_kwargs: dict, mem: TreeMemory) -> RunResult:
-    """Start an engine with `engine_kwargs` and generate the `prepared` rows (a table of the job's
-    prepared columns) in one call."""
-    imported = vllm_import_seconds()
-    from vllm import LLM
+# The bare script: what a user would write around `vllm.LLM.generate`, run as a process of its own.
+SCRIPT = r"""
+import json, sys, time
+began = time.perf_counter()
+import pyarrow.parquet as pq
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+imported = time.perf_counter()
+spec = json.load(open(sys.argv[1]))
+table = pq.read_table(spec["prepared"], columns=["_id", "_prompt_token_ids", "_params"])
+prompts = [TokensPrompt(prompt_token_ids=t) for t in table.column("_prompt_token_ids").to_pylist()]
+params = [SamplingParams(**json.loads(p)) for p in table.column("_params").to_pylist()]
+started = time.perf_counter()
+llm = LLM(**spec["engine_kwargs"])
+ready = time.perf_counter()
+outputs = llm.generate(prompts, params, use_tqdm=False)
+finished = time.perf_counter()
+json.dump({"import_s": imported - began, "engine_start_s": ready - started, "generate_s": finished - ready,
+           "texts": dict(zip(table.column("_id").to_pylist(), [o.outputs[0].text for o in outputs])),
+           "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+           "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs)}, open(spec["out"], "w"))
+"""
 
-    prompts, params = token_prompts_and_params(prepared)
-    ids = prepared.column("_id").to_pylist()
-    mem.settle()
-    with SavedProcessState(), mem.window(NAME) as w:
-        started = time.perf_counter()
-        llm = LLM(**engine_kwargs)
-        ready = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        finished = time.perf_counter()
-        texts = {i: o.outputs[0].text for i, o in zip(ids, outputs)}
-        out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
-        del llm, outputs
-        gc.collect()
-    # The import happened in a child (this process has vLLM loaded already); a script pays it.
-    wall = imported + finished - started
+
+def run_bare(prepared, engine_kwargs: dict, mem: TreeMemory, workdir=None) -> RunResult:
+    """A bare vLLM script, in a process of its own (as a user runs one): it imports vLLM, starts an
+    engine with `engine_kwargs` and generates the `prepared` rows (a table of the job's prepared
+    columns) in one call. Its own process, so that nothing of the benchmark (the memory sampler's
+    thread, Ray's driver) shares the engine's interpreter and GIL."""
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory(prefix="bare-vllm-", dir=workdir) as tmp:
+        folder = Path(tmp)
+        pq.write_table(prepared.select(["_id", "_prompt_token_ids", "_params"]), folder / "prepared.parquet")
+        spec = {"prepared": str(folder / "prepared.parquet"), "engine_kwargs": engine_kwargs,
+                "out": str(folder / "result.json")}
+        (folder / "spec.json").write_text(json.dumps(spec))
+        mem.settle()
+        with mem.window(NAME) as w:
+            started = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", SCRIPT, str(folder / "spec.json")], capture_output=True,
+                                  text=True, timeout=3600)
+            wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"bare vLLM failed: {proc.stderr[-3000:]}")
+        got = json.loads((folder / "result.json").read_text())
     return RunResult(
-        name=NAME, rows=len(ids), output_tokens=out_tokens, prompt_tokens=prompt_tokens, wall_s=wall,
+        name=NAME, rows=prepared.num_rows, output_tokens=got["output_tokens"], prompt_tokens=got["prompt_tokens"],
+        # The whole process: interpreter, imports, engine start, generate(), as a script pays them.
+        wall_s=wall,
         # LLM.generate returns every row at once, at the end.
         time_to_first_row_s=wall, memory=memory_figures(w),
-        engine_start_s=ready - started, generate_s=finished - ready, vllm_import_s=imported,
-        startup_s=imported + ready - started, texts=texts,
+        engine_start_s=got["engine_start_s"], generate_s=got["generate_s"], vllm_import_s=got["import_s"],
+        startup_s=got["import_s"] + got["engine_start_s"], texts=got["texts"],
     )

@@ -15,7 +15,8 @@ import benchmarks
 from benchmarks.memory import GiB
 from benchmarks.report import log, report
 
-PHASES = ("train", "bare", "job", "raydata", "lora")
+PHASES = ("train", "bare", "job", "raydata", "lora", "label")
+CONTENDERS = ("bare", "job", "raydata")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,10 +34,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run the job with these overrides, as its own contender (repeatable)")
     p.add_argument("--startup-runs", action="store_true",
                    help="also time a one-row run of the job and Ray Data LLM before each (their start-up)")
-    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache of every engine (the job's CPU default)")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="every engine's max_num_seqs (vLLM's CPU default)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="every engine's (vLLM's CPU default)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="where every engine runs (gpu: one GPU per engine, the job's GPU settings)")
+    p.add_argument("--model", default="tiny",
+                   help="conf/model/ config of every contender (default tiny; e.g. llama-3.1-8b-instruct-awq on a GPU)")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV cache of every engine (default: 1 on CPU, the job's CPU default; on GPU vLLM's share)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="every engine's max_num_seqs (default: 256 on CPU, vLLM's CPU default; on GPU vLLM's)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="every engine's (default: 4096 on CPU, vLLM's CPU default; on GPU vLLM's)")
     p.add_argument("--ray-cpus", type=int, default=os.cpu_count(), help="CPUs Ray may schedule on (default: all)")
+    p.add_argument("--label-rows", type=int, default=None,
+                   help="rows of the labelling comparison (phase label; default: --rows)")
+    p.add_argument("--label-max-tokens", type=int, default=4, help="answer tokens per labelling row (default 4)")
+    p.add_argument("--label-instruction-tokens", type=int, default=1000,
+                   help="about how many tokens the labelling rows' shared instruction has (default 1000)")
+    p.add_argument("--driver-scale", action="store_true",
+                   help="only the driver's limits, with no engine: planning many files, committing many rows")
+    p.add_argument("--scale-files", type=int, default=10_000, help="input files of --driver-scale's planning")
+    p.add_argument("--scale-rows", type=int, default=10_000_000, help="rows over those files")
+    p.add_argument("--commit-rows", type=int, default=1_000_000, help="rows --driver-scale commits")
+    p.add_argument("--commit-rows-per-part", default="1024,16384",
+                   help="output.rows_per_part values --driver-scale commits with (the first also through Ray Data)")
     p.add_argument("--lora-adapters", type=int, default=4, help="adapters the LoRA run spreads its rows over")
     p.add_argument("--lora-rows", type=int, default=None, help="rows of the LoRA runs (default: --rows)")
     p.add_argument("--train-rows", type=int, default=256, help="conversations of the training comparison")
@@ -52,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=3600, help="skip phases not started within this many seconds")
     args = p.parse_args(argv)
     args.phases = [x.strip() for x in args.phases.split(",") if x.strip()]
+    if args.device == "cpu":
+        args.kv_cache_gib = 1.0 if args.kv_cache_gib is None else args.kv_cache_gib
+        args.max_num_seqs = args.max_num_seqs or 256
+        args.max_num_batched_tokens = args.max_num_batched_tokens or 4096
     unknown = set(args.phases) - set(PHASES)
     if unknown:
         p.error(f"unknown phase(s) {sorted(unknown)}; pick from {','.join(PHASES)}")
@@ -83,9 +107,11 @@ def environment() -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # Before anything imports vLLM: engines in this process (bare vLLM) and in Ray workers run in
-    # their own process rather than spawning an engine-core subprocess, as the job's workers do.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # Before anything imports vLLM: every engine runs in the mode the job's workers run it in
+    # (pipeline.generate.settings.engine_multiprocessing): in its process on CPU, with vLLM's
+    # engine-core process on GPU.
+    multiprocessing = "1" if args.device == "gpu" else "0"
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", multiprocessing)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import ray
 
@@ -94,7 +120,15 @@ def main(argv=None) -> int:
     from pipeline.models.tiny_model import ensure_tiny_model
 
     cache = Path(os.environ.get("PIPELINE_CACHE", ".cache"))
-    model_path = str(ensure_tiny_model((cache if cache.is_absolute() else ROOT / cache) / "models" / "tiny-llama-3.1"))
+    if args.model == "tiny":
+        model_path = str(ensure_tiny_model((cache if cache.is_absolute() else ROOT / cache) / "models" / "tiny-llama-3.1"))
+    else:  # the model config's own path (a hub id is downloaded once by the job's first run)
+        from benchmarks.job_config import compose
+        from pipeline.generate import config as job_config
+        from pipeline.generate.settings import GenerationSettings
+
+        settings = GenerationSettings.from_config(compose("generate", [f"model={args.model}"]))
+        model_path = job_config.ensure_model(settings.model)
     began = time.perf_counter()
     env = environment()
     log(f"{env['cpu']}, {env['cores']} cores, load average {env['load_average_at_start']}")
@@ -109,8 +143,9 @@ def main(argv=None) -> int:
 
     mem = TreeMemory()
     if not args.memory_scan:  # the scan runs each job in its own process, with its own Ray
-        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}})
+        ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": multiprocessing,
+                                           "TOKENIZERS_PARALLELISM": "false"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -142,19 +177,27 @@ def run_comparisons(args, model_path: str, workdir: Path, mem, time_left, result
     that one failing later still leaves it in the JSON."""
     from benchmarks.batch_scan import batch_scan
     from benchmarks.generation import main_comparison
+    from benchmarks.labelling import labelling_comparison
     from benchmarks.lora import lora_comparison
     from benchmarks.memory_scan import memory_scan
     from benchmarks.training import train_comparison
 
     if args.memory_scan:
         results["memory_scan"] = memory_scan(args, model_path, workdir, mem, time_left)
+    elif args.driver_scale:
+        from benchmarks.driver_scale import driver_scale
+
+        results["driver_scale"] = driver_scale(args, workdir, mem)
     elif args.batch_scan:
         results["batch_scan"] = batch_scan(args, model_path, workdir, mem, time_left)
     else:
         if "train" in args.phases and time_left("train"):
             results["train"] = train_comparison(args, model_path, workdir, mem)
-        main_phases = [p for p in ("bare", "job", "raydata") if p in args.phases]
+        main_phases = [p for p in CONTENDERS if p in args.phases]
         if main_phases:
             results["main"] = main_comparison(args, model_path, workdir, mem, main_phases, time_left)
+        if "label" in args.phases and time_left("label"):
+            results["labelling"] = labelling_comparison(args, model_path, workdir, mem, main_phases or list(CONTENDERS),
+                                                        time_left)
         if "lora" in args.phases and time_left("lora"):
             results["lora"] = lora_comparison(args, model_path, workdir, mem)

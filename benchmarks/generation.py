@@ -42,13 +42,17 @@ def contenders(phases: list[str], variants: list[str]) -> list[Contender]:
 
 
 def compare_within_repeat(runs: list[RunResult]) -> None:
-    """Set each job run's throughput relative to bare vLLM's and Ray Data LLM's of the same repeat."""
+    """Set each job run's throughput relative to bare vLLM's and Ray Data LLM's of the same repeat,
+    and its time to the first committed row relative to the bare engine's start-up (vLLM import and
+    engine start: the least any script waits before its first row)."""
     by_name = {r.name: r for r in runs}
+    bare = by_name.get(bare_vllm.NAME)
     for r in runs:
         if r.phase == "job":
             for key, name in RELATIVE.items():
                 other = by_name.get(name)
                 r.compared[key] = ratio(r.output_tokens_per_s, other.output_tokens_per_s if other else None)
+            r.compared["first_row_over_bare_startup"] = ratio(r.time_to_first_row_s, bare.startup_s if bare else None)
 
 
 def summarize(runs: list[RunResult], todo: list[Contender]) -> dict:
@@ -60,26 +64,36 @@ def summarize(runs: list[RunResult], todo: list[Contender]) -> dict:
             "output_tokens_per_s": median([r.output_tokens_per_s for r in mine]),
             "engine_output_tokens_per_s": median([r.engine_output_tokens_per_s for r in mine]),
             "peak_rss_gib": median([r.memory.peak_rss_gib for r in mine]),
-            **({k: median([r.compared.get(k) for r in mine]) for k in RELATIVE} if c.phase == "job" else {}),
+            "time_to_first_row_s": median([r.time_to_first_row_s for r in mine]),
+            "startup_s": median([r.startup_s for r in mine]),
+            **({k: median([r.compared.get(k) for r in mine]) for k in (*RELATIVE, "first_row_over_bare_startup")}
+               if c.phase == "job" else {}),
         }
     return summary
 
 
 def main_comparison(args, model_path, workdir, mem, phases, time_left) -> dict:
     """The contenders of `phases` on `--rows` requests, `--repeats` times; the results' `main`."""
-    requests = make_requests(args.rows, args.max_tokens, args.seed)
-    input_path = write_requests(workdir / "requests.parquet", requests)
-    one_request = make_requests(1, 1, args.seed)
-    one_row = write_requests(workdir / "one-row.parquet", one_request)
+    return compare(args, model_path, workdir, mem, phases, time_left,
+                   make_requests(args.rows, args.max_tokens, args.seed), make_requests(1, 1, args.seed), "requests")
+
+
+def compare(args, model_path, workdir, mem, phases, time_left, requests: list[dict], one_request: list[dict],
+            name: str) -> dict:
+    """The contenders of `phases` on `requests` (and `one_request` for `--startup-runs`), `--repeats`
+    times; `name` names their files in `workdir`."""
+    input_path = write_requests(workdir / f"{name}.parquet", requests)
+    one_row = write_requests(workdir / f"{name}-one-row.parquet", one_request)
     setup = job_setup(args, model_path, input_path)
     engine_kwargs = setup.engine_kwargs()
     prepared = prepared_table(input_path, setup.settings, model_path)
     lengths = sorted(len(t) for t in prepared.column("_prompt_token_ids").to_pylist())
+    max_tokens = requests[0]["max_tokens"]
     log(f"{len(requests)} requests, prompt tokens min {lengths[0]} / median {lengths[len(lengths) // 2]} / max {lengths[-1]} "
-        f"(total {sum(lengths)}), {args.max_tokens} output tokens each; engine: {engine_kwargs}")
-    processor_input = ray_data_llm.write_processor_input(workdir / "prepared.parquet", requests, prepared)
+        f"(total {sum(lengths)}), {max_tokens} output tokens each; engine: {engine_kwargs}")
+    processor_input = ray_data_llm.write_processor_input(workdir / f"{name}-prepared.parquet", requests, prepared)
     processor_one = ray_data_llm.write_processor_input(
-        workdir / "prepared-one.parquet", one_request, prepared_table(one_row, setup.settings, model_path))
+        workdir / f"{name}-prepared-one.parquet", one_request, prepared_table(one_row, setup.settings, model_path))
     todo = contenders(phases, args.variant)
     runs: list[RunResult] = []
     reference = None  # the first bare run's texts
@@ -91,7 +105,7 @@ def main_comparison(args, model_path, workdir, mem, phases, time_left) -> dict:
             log(f"repeat {rep + 1}/{args.repeats}: {c.name} ...")
             startup = None
             if c.phase == "bare":
-                r = bare_vllm.run_bare(prepared, engine_kwargs, mem)
+                r = bare_vllm.run_bare(prepared, engine_kwargs, mem, workdir)
             elif c.phase == "job":
                 if args.startup_runs:
                     startup = run_job(args, model_path, one_row, workdir, mem, "job start-up", c.extra)
@@ -112,7 +126,7 @@ def main_comparison(args, model_path, workdir, mem, phases, time_left) -> dict:
         compare_within_repeat(this_repeat)
         runs += this_repeat
     return {
-        "rows": args.rows, "max_tokens": args.max_tokens,
+        "rows": len(requests), "max_tokens": max_tokens,
         "prompt_tokens": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1], "total": sum(lengths)},
         "engine_kwargs": engine_kwargs, "job_settings_extra": args.job_set,
         "runs": [r.to_dict() for r in runs], "summary": summarize(runs, todo),

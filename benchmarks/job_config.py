@@ -27,15 +27,19 @@ def compose(config_name: str, overrides: list[str]):
 
 def job_overrides(args, model_path: str, input_path: str, output: str, extra=()) -> list[str]:
     """The job's Hydra overrides for the benchmark's flags (`args`), then `--job-set`, then `extra`."""
+    def value(x) -> str:
+        return "null" if x is None else str(x)
+
     return [
-        "model=tiny",
+        f"model={args.model}",
         f"model.path={model_path}",
         f"input={input_path}",
         f"output.path={output}",
+        f"device={args.device}",
         "engine.ignore_eos=true",
-        f"engine.kv_cache_gib={args.kv_cache_gib}",
-        f"engine.max_num_seqs={args.max_num_seqs}",
-        f"engine.max_num_batched_tokens={args.max_num_batched_tokens}",
+        f"engine.kv_cache_gib={value(args.kv_cache_gib)}",
+        f"engine.max_num_seqs={value(args.max_num_seqs)}",
+        f"engine.max_num_batched_tokens={value(args.max_num_batched_tokens)}",
         # One Ray instance serves every contender; the job must leave it running.
         "ray.shutdown=false",
         "progress=false",
@@ -52,19 +56,23 @@ class JobSetup:
     engine: dict
     """What each engine worker is handed (`pipeline.generate.config.engine_config`)."""
     model_path: str
+    device: str = "cpu"
 
     def engine_kwargs(self, **engine) -> dict:
         """`vllm.LLM`'s arguments for the job's engine, with `engine` settings changed."""
         from pipeline.generate.engine import engine_kwargs
 
-        return engine_kwargs({**self.engine, **engine}, self.model_path, on_cpu=True)
+        return engine_kwargs({**self.engine, **engine}, self.model_path, on_cpu=self.device == "cpu")
 
 
 def job_setup(args, model_path: str, input_path: str) -> JobSetup:
-    """The job's settings for the rows at `input_path`, resolved as on this GPU-less machine."""
+    """The job's settings for the rows at `input_path`, resolved as on this machine: no GPU, or
+    (`--device gpu`) one GPU per engine."""
     from pipeline.generate.config import AdapterSet, engine_config
     from pipeline.generate.settings import GenerationSettings, resolve_resources
 
     cfg = compose("generate", job_overrides(args, model_path, input_path, str(Path(input_path).parent / "unused")))
     settings = GenerationSettings.from_config(cfg)
-    return JobSetup(settings, engine_config(settings, resolve_resources(settings, 0), AdapterSet()), model_path)
+    gpus = float(settings.workers) if args.device == "gpu" else 0
+    resources = resolve_resources(settings, gpus)
+    return JobSetup(settings, engine_config(settings, resources, AdapterSet()), model_path, resources.device)

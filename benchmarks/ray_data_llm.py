@@ -38,19 +38,20 @@ def run_raydata(input_path: str, setup: JobSetup, engine_kwargs: dict, mem: Tree
     settings = setup.settings
     kwargs = {k: v for k, v in engine_kwargs.items() if k not in ("model", "tokenizer")}
     stage = {"batch_size": settings.batch_size, "num_cpus": settings.prepare.num_cpus, "concurrency": 1}
+    gpu = setup.device == "gpu"
     config = vLLMEngineProcessorConfig(
         model_source=engine_kwargs["model"],
         engine_kwargs=kwargs,
         batch_size=settings.batch_size,
         concurrency=settings.workers,
-        # On a GPU-less cluster the engine actor must ask for CPUs only, and as much as the
-        # job's workers do.
-        placement_group_config={"bundles": [{"CPU": setup.engine["num_cpus"]}]},
+        # What the job's workers ask for: on a GPU-less cluster CPUs only.
+        placement_group_config={"bundles": [{"CPU": setup.engine["num_cpus"], "GPU": setup.engine["num_gpus"]}
+                                            if gpu else {"CPU": setup.engine["num_cpus"]}]},
         # Its default exports metrics through Ray's Prometheus endpoint, which this Ray lacks.
         log_engine_metrics=False,
         # Ray sets OMP_NUM_THREADS from the actor's (fractional) CPU claim, i.e. 1: give its
         # engine the threads the job's engine computes with (engine.cpu_threads).
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(setup.engine["cpu_threads"])}},
+        runtime_env=None if gpu else {"env_vars": {"OMP_NUM_THREADS": str(setup.engine["cpu_threads"])}},
         chat_template_stage=stage,
         tokenize_stage=stage,
         # The engine already detokenizes (as the job's does); a second pass would be extra work.

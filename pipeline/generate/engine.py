@@ -53,7 +53,8 @@ def engine_kwargs(engine: dict, model_path: str, *, on_cpu: bool) -> dict:
         "seed": int(engine.get("seed", 0)),
         "enforce_eager": bool(engine.get("enforce_eager", False)),
     }
-    for key in ("max_num_seqs", "max_num_batched_tokens", "quantization", "gpu_memory_utilization"):
+    for key in ("max_num_seqs", "max_num_batched_tokens", "quantization", "gpu_memory_utilization",
+                "enable_prefix_caching"):
         if engine.get(key) is not None:
             kwargs[key] = engine[key]
     if engine.get("kv_cache_gib") is not None:
@@ -110,10 +111,9 @@ class GenerationWorker:
 
     def __init__(self, engine: dict, model_path: str, adapters: dict[str, dict], passthrough: list[str],
                  revision: str | None = None, samples: int = 1, retry: dict | None = None):
-        # One engine per actor in this process: vLLM's engine subprocess would cost start-up time
-        # and memory, and the actor is already the unit of isolation Ray restarts.
-        if int(engine.get("tensor_parallel_size", 1)) == 1:
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vLLM's engine core in its own process or in this one, as the job resolved it
+        # (pipeline.generate.settings.engine_multiprocessing); vLLM reads this when it starts one.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if engine.get("multiprocessing") else "0"
         if engine.get("batch_invariant") and has_cuda():
             # vLLM reads this when it is imported: its kernels then give a row the same logits
             # whatever else shares its batch (GPUs only; the CPU engine already does).

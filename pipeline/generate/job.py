@@ -378,9 +378,14 @@ class ShardDatasource(Datasource):
 def _init_ray(ray_settings: RaySettings) -> None:
     if ray.is_initialized():
         return
-    kwargs = {"address": ray_settings.address, "log_to_driver": ray_settings.log_to_driver}
-    if ray_settings.address is None and ray_settings.num_cpus is not None:
-        kwargs["num_cpus"] = ray_settings.num_cpus
+    # address null starts a Ray here: "local", since ray.init(address=None) would join a Ray that
+    # `ray start` left running on this machine instead.
+    kwargs = {"address": ray_settings.address or "local", "log_to_driver": ray_settings.log_to_driver}
+    if ray_settings.address is None:
+        # Only what the job uses: no dashboard unless asked for (a Ray joined keeps its own).
+        kwargs["include_dashboard"] = ray_settings.dashboard
+        if ray_settings.num_cpus is not None:
+            kwargs["num_cpus"] = ray_settings.num_cpus
     env = {"TOKENIZERS_PARALLELISM": "false", **{k: str(v) for k, v in ray_settings.env.items()}}
     kwargs["runtime_env"] = {"env_vars": env}
     ray.init(**kwargs)

@@ -82,6 +82,13 @@ class EngineSettings:
     """Ray CPUs per engine; null: 1 on GPU, 0.5 on CPU."""
     cpu_threads: int | None = None
     """CPU only: threads per engine; null: the cores divided among the workers."""
+    multiprocessing: bool | None = None
+    """vLLM's engine core in a process of its own (vLLM's default), which overlaps scheduling,
+    input processing and detokenization with the model's steps; false: in the worker's process.
+    null: `engine_multiprocessing` decides (on GPU yes, on CPU no)."""
+    enable_prefix_caching: bool | None = None
+    """Reuse the KV cache of prompt prefixes rows share (a long common instruction); null: vLLM's
+    default (on)."""
     lora: LoraLimits = field(default_factory=LoraLimits)
     """Bounds on adapters."""
 
@@ -135,6 +142,8 @@ class RaySettings:
     """Environment variables for every worker; their values are never logged or written."""
     restart_actors: bool = True
     """A dead worker is replaced and its batch redone."""
+    dashboard: bool = False
+    """Start Ray's dashboard with a Ray started here (seconds of start-up the job does not need)."""
 
 
 @dataclass(frozen=True)
@@ -283,6 +292,24 @@ class Resources:
     """The KV cache per engine (null: vLLM's choice)."""
     batches_in_flight: int
     """Batches each engine holds at once."""
+    engine_multiprocessing: bool = False
+    """vLLM's engine core in its own process (`engine_multiprocessing`)."""
+
+
+def engine_multiprocessing(device: str, engine: EngineSettings) -> bool:
+    """Whether an engine runs vLLM's engine core in a process of its own.
+
+    engine.multiprocessing when set. Otherwise on GPUs, yes: it is vLLM's default, and what its
+    throughput figures are measured with; the engine-core process schedules the next step and
+    the front end turns finished tokens into text while the GPU computes, where in-process every
+    step waits for both (and async scheduling overlaps the next step's scheduling with the
+    current one's compute). With tensor_parallel_size > 1 vLLM needs it anyway. On the CPU, no: the
+    engine core and the model would share the same cores, and the in-process engine starts
+    seconds sooner (see docs/benchmark.md).
+    """
+    if engine.multiprocessing is not None:
+        return engine.multiprocessing
+    return device == "gpu" or engine.tensor_parallel_size > 1
 
 
 def resolve_resources(settings: GenerationSettings, cluster_gpus: float, cluster_cpus: float | None = None,
@@ -317,7 +344,8 @@ def resolve_resources(settings: GenerationSettings, cluster_gpus: float, cluster
     if device == "cpu" and kv_cache is None:
         kv_cache = 1.0  # vLLM's CPU default reserves far more than a laptop has
     return Resources(device=device, num_gpus=num_gpus, num_cpus=num_cpus, cpu_threads=threads,
-                     kv_cache_gib=kv_cache, batches_in_flight=batches)
+                     kv_cache_gib=kv_cache, batches_in_flight=batches,
+                     engine_multiprocessing=engine_multiprocessing(device, engine))
 
 
 
@@ -362,6 +390,10 @@ def _problems(s: dict) -> list[str]:
         problems.append(f"engine.kv_cache_gib: must be > 0 GiB or null (got {engine['kv_cache_gib']!r})")
     for key in ("compact_json", "ignore_eos", "enforce_eager", "batch_invariant"):
         need_bool(f"engine.{key}", engine.get(key, False))
+    for key in ("multiprocessing", "enable_prefix_caching"):
+        if engine.get(key) is not None:
+            need_bool(f"engine.{key}", engine[key])
+    need_bool("ray.dashboard", (s.get("ray") or {}).get("dashboard", False))
     if s.get("device", "auto") not in ("auto", "cpu", "gpu"):
         problems.append(f"device: must be auto, cpu or gpu (got {s.get('device')!r})")
     if not model.get("path"):

@@ -1,4 +1,6 @@
-"""vLLM general plugin: a dense fallback for 4-bit (WNA16) linear layers on CPUs that lack vLLM's kernel.
+"""vLLM general plugin for the CPU engine: a dense fallback for 4-bit (WNA16) linear layers on CPUs
+that lack vLLM's kernel, and a repair of vLLM's compile cache so that an engine start loads the
+model it compiled before instead of compiling it again.
 
 vLLM's CPU backend runs AWQ and GPTQ checkpoints through one path: ``AutoAWQMarlinLinearMethod``
 (AWQ, after converting the checkpoint to the GPTQ-like layout) and ``AutoGPTQLinearMethod`` both
@@ -19,6 +21,20 @@ Where the op exists, on GPUs and on other platforms, `register` does nothing. Th
 variable ``PIPELINE_WNA16_FALLBACK`` overrides the detection: ``auto`` (default), ``on`` (use the
 fallback even where the op exists; what the tests use on AVX-512 machines) or ``off``.
 
+The compile cache. On the CPU vLLM 0.32 compiles the model with torch's own inductor backend
+(``CpuPlatform.check_and_update_config``: ``DYNAMO_TRACE_ONCE`` with ``backend="inductor"``) and
+saves it with torch's AOT compile, which wraps inductor's output in
+``BundledAOTAutogradSerializableCallable``. vLLM's loader (``_try_load_aot_compiled_fn`` in
+``vllm.compilation.decorators``) then calls ``finalize_loading(vllm_config)`` on what it loaded, a
+method only vLLM's own backend's ``VllmSerializableFunction`` has, so every load fails with
+"Compiling model again due to a load failure ... 'function' object has no attribute
+'finalize_loading'" and each engine start pays a full compile (about half of a tiny model's
+start). The bundle's deserializer has already loaded the compiled code, so there is nothing left to
+finalize: `repair_compile_cache` gives the bundle class a ``finalize_loading`` that does nothing,
+and the cached model loads. Outputs are the same token for token (the same compiled graph runs).
+Where the class already has the method (a vLLM/torch that fixed it) or does not exist, it does
+nothing; ``PIPELINE_COMPILE_CACHE_REPAIR=off`` turns it off.
+
 vLLM finds `register` through the ``vllm.general_plugins`` entry point in pyproject.toml and calls
 it in every process it starts (front end, engine core, workers), possibly more than once per
 process; registering again is a no-op.
@@ -32,6 +48,7 @@ import torch
 from vllm.logger import init_logger
 
 ENV_VAR = "PIPELINE_WNA16_FALLBACK"
+COMPILE_CACHE_ENV_VAR = "PIPELINE_COMPILE_CACHE_REPAIR"
 _MODES = {"auto": "auto", "on": "on", "1": "on", "true": "on", "off": "off", "0": "off", "false": "off"}
 # vLLM configures handlers for the "vllm" logger tree only; a logger below it shows up in the
 # engine's log, prefixed with the process it runs in.
@@ -56,19 +73,42 @@ def native_wna16_kernel_available() -> bool:
 
 
 def register() -> bool:
-    """Install the dense fallback if this process needs it; True when it is (now or already) active.
+    """Install the dense fallback if this process needs it, and repair the compile cache's loading
+    (`repair_compile_cache`); True when the dense fallback is (now or already) active.
 
     Off the CPU this imports nothing but vLLM's platform module: vLLM runs it in every process it
     starts, GPU ones included, before any model code is loaded.
     """
     from vllm.platforms import current_platform
 
+    if current_platform.is_cpu():
+        repair_compile_cache()
     mode = fallback_mode()
     if mode == "off" or not current_platform.is_cpu():
         return False
     if mode == "auto" and native_wna16_kernel_available():
         return False
     return _install(reason="forced by PIPELINE_WNA16_FALLBACK=on" if mode == "on" else "no cpu_gemm_wna16 op in this vLLM build")
+
+
+def repair_compile_cache() -> bool:
+    """Let vLLM load the CPU engine's compiled model from its compile cache (see the module's
+    docstring); True when the loader can (now or already), False when turned off or not needed."""
+    if _MODES.get(os.environ.get(COMPILE_CACHE_ENV_VAR, "auto").strip().lower() or "auto", "auto") == "off":
+        return False
+    try:
+        from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable as bundle
+    except ImportError:  # a torch without AOT compile: vLLM does not save or load one either
+        return False
+    if hasattr(bundle, "finalize_loading"):  # ours already, or a torch/vLLM that fixed it: theirs stands
+        return True
+    bundle.finalize_loading = _nothing_to_finalize
+    logger.debug("compile cache: inductor bundles load without vLLM's finalize_loading")
+    return True
+
+
+def _nothing_to_finalize(self, vllm_config) -> None:
+    """The bundle's deserializer loaded the compiled code already; vLLM's loader asks anyway."""
 
 
 def is_active() -> bool:

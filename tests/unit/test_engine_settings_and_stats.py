@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+import pytest
+
+from pipeline.generate.config import AdapterSet, engine_config
 from pipeline.generate.engine import engine_kwargs
+from pipeline.generate.settings import ConfigError, EngineSettings, GenerationSettings, engine_multiprocessing, resolve_resources
+from tests.conftest import compose
 from pipeline.generate.prepare import OUTPUT_SCHEMA
 from pipeline.generate.stats import RunStats
 
@@ -34,6 +39,32 @@ def test_lora_and_guided_json_settings():
     assert "structured_outputs_config" not in kwargs
     assert (kwargs["enable_lora"], kwargs["max_lora_rank"], kwargs["max_loras"]) == (True, 16, 2)
     assert "enable_lora" not in engine_kwargs({**BASE, "lora": {"enabled": False}}, "m", on_cpu=True)
+
+
+@pytest.mark.parametrize(("device", "settings", "expected"), [
+    ("gpu", {}, True),  # vLLM's throughput mode: the engine core overlaps scheduling with the GPU
+    ("cpu", {}, False),  # in-process: starts sooner, and the engine core would share the model's cores
+    ("cpu", {"tensor_parallel_size": 2}, True),  # vLLM's workers need it
+    ("gpu", {"multiprocessing": False}, False),  # the setting wins either way
+    ("cpu", {"multiprocessing": True}, True),
+])
+def test_engine_multiprocessing_by_device_and_settings(device, settings, expected):
+    assert engine_multiprocessing(device, EngineSettings(max_model_len=2048, **settings)) is expected
+
+
+def test_the_engine_mode_and_prefix_caching_reach_the_engine_workers():
+    gpu = GenerationSettings.from_config(compose("generate", ["engine.enable_prefix_caching=true"]))
+    resources = resolve_resources(gpu, 8, 128, 128)
+    engine = engine_config(gpu, resources, AdapterSet())
+    assert resources.engine_multiprocessing is True and engine["multiprocessing"] is True
+    assert engine_kwargs(engine, "m", on_cpu=False)["enable_prefix_caching"] is True
+    cpu = GenerationSettings.from_config(compose("generate", ["model=tiny"]))
+    engine = engine_config(cpu, resolve_resources(cpu, 0, 2, 2), AdapterSet())
+    assert engine["multiprocessing"] is False and "enable_prefix_caching" not in engine_kwargs(engine, "m", on_cpu=True)
+    with pytest.raises(ConfigError, match="engine.multiprocessing: must be true or false"):
+        GenerationSettings.from_config(compose("generate", ["engine.multiprocessing=sometimes"]))
+    with pytest.raises(ConfigError, match="ray.dashboard: must be true or false"):
+        GenerationSettings.from_config(compose("generate", ["ray.dashboard=3"]))
 
 
 def batch(rows: list[dict]) -> pa.Table:

@@ -29,7 +29,8 @@ TORCH_FOLDERS = ("train/", "models/")
 # benchmarks/); the workload, results, report and comparisons import none of them.
 BENCHMARK_ALLOWED = {
     "vllm": {"bare_vllm.py", "lora.py"},
-    "ray": {"cli.py", "ray_data_llm.py"},  # the one Ray instance every contender shares; Ray Data LLM
+    # the one Ray instance every contender shares; Ray Data LLM; the driver's stand-in pipeline
+    "ray": {"cli.py", "ray_data_llm.py", "driver_scale.py"},
     "torch": {"bare_vllm.py", "lora.py", "plain_peft.py"},
     "peft": {"lora.py", "plain_peft.py"},
     "transformers": {"lora.py", "plain_peft.py"},

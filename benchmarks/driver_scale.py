@@ -1,0 +1,140 @@
+"""The driver's limits, with no engine (`--driver-scale`): every row of a job passes through its one
+driver process, so how many files it can plan and how many rows a second it can commit bound the
+job whatever the engines do.
+
+planning   `pipeline.generate.planning.plan_shards` over `--scale-files` small Parquet files
+           holding `--scale-rows` rows in all (small row groups, metadata-sized), without and with
+           an `id_column`: time and the driver's memory (the process tree's peak RSS over its start).
+commit     the driver's commit path on `--commit-rows` rows of short answers (about 20 tokens of
+           text, as labelling answers are), with no engine: first the job's own sink and counts
+           (`OutputDir.add`, `RunStats.add`, `OutputDir.finish` with its exactly-once check) fed in
+           this process (at each of `--commit-rows-per-part`), then the same behind Ray Data, a stand-in stage returning canned answers
+           in the job's output schema that the driver takes with `iter_batches`, as the job does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from benchmarks.memory import TreeMemory, memory_figures
+from benchmarks.report import log
+
+ANSWER = "positive"  # a short label answer; the response text is what varies per row in a real job
+BATCH_ROWS = 64  # the job's default batch_size: the unit that reaches the driver
+
+
+def write_inputs(folder: Path, files: int, rows: int) -> float:
+    """`files` Parquet files with `rows` rows in all, each an `id` and a short `prompt`, in row
+    groups of a tenth of a file; the seconds it took."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    per_file = max(1, rows // files)
+    started = time.perf_counter()
+    for f in range(files):
+        first = f * per_file
+        ids = pa.array([f"r{i}" for i in range(first, first + per_file)])
+        table = pa.table({"id": ids, "prompt": pa.array(["Label: a short text."] * per_file)})
+        pq.write_table(table, folder / f"part-{f:06d}.parquet", row_group_size=max(1, per_file // 10))
+    return time.perf_counter() - started
+
+
+def planning(args, workdir: Path, mem: TreeMemory) -> dict:
+    from pipeline.generate.planning import plan_shards
+
+    folder = workdir / "scale-inputs"
+    log(f"driver scale: writing {args.scale_files:,} files, {args.scale_rows:,} rows -> {folder}")
+    written = write_inputs(folder, args.scale_files, args.scale_rows)
+    runs = []
+    for id_column in (None, "id"):
+        label = f"plan, id_column={id_column}"
+        mem.settle()
+        with mem.window(label) as w:
+            started = time.perf_counter()
+            plan = plan_shards(str(folder), id_column=id_column)
+            seconds = time.perf_counter() - started
+        figures = memory_figures(w)
+        runs.append({"name": label, "files": len(plan.files), "rows": plan.total_rows, "shards": len(plan.shards),
+                     "seconds": round(seconds, 2), "files_per_s": round(len(plan.files) / seconds, 1),
+                     "peak_rss_gib": figures.peak_rss_gib, "rise_rss_gib": figures.rise_rss_gib})
+        log(f"  {label}: {seconds:.1f}s for {len(plan.files):,} files ({plan.total_rows:,} rows), "
+            f"driver RSS rise {figures.rise_rss_gib:.2f} GiB")
+        del plan
+    return {"files": args.scale_files, "rows": args.scale_rows, "write_s": round(written, 1), "runs": runs}
+
+
+def canned_answers(first_id: int, n: int):
+    """`n` answered rows in the job's output schema, ids from `first_id`, as an engine returns them."""
+    from pipeline.generate.prepare import OUTPUT_SCHEMA, output_table
+
+    cols: dict[str, list] = {f.name: [None] * n for f in OUTPUT_SCHEMA}
+    cols["id"] = [f"in.parquet#{i}" for i in range(first_id, first_id + n)]
+    cols["response"] = [ANSWER] * n
+    cols["tool_calls"] = [[] for _ in range(n)]
+    cols["prompt_tokens"] = [1020] * n
+    cols["completion_tokens"] = [2] * n
+    cols["finish_reason"] = ["stop"] * n
+    cols["seed"] = list(range(first_id, first_id + n))
+    cols["sample"] = [0] * n
+    cols["source_file"] = ["in.parquet"] * n
+    cols["source_row"] = list(range(first_id, first_id + n))
+    return output_table(cols, {})
+
+
+def _stand_in(batch):
+    """The stand-in engine stage: canned answers for the rows of a `range` block."""
+    ids = batch.column("id").to_pylist()
+    return canned_answers(ids[0], len(ids))
+
+
+def commit(args, workdir: Path, mem: TreeMemory) -> dict:
+    import ray
+
+    from pipeline.generate.sinks import OutputDir
+    from pipeline.generate.stats import RunStats
+
+    n = args.commit_rows
+    runs, made = [], None
+    # output.rows_per_part: the job's default, then larger parts (fewer files to write and sync)
+    sizes = [int(x) for x in str(args.commit_rows_per_part).split(",")]
+    for mode, rows_per_part in [("sink only", size) for size in sizes] + [("through Ray Data", sizes[0])]:
+        out = OutputDir(str(workdir / f"commit-{mode.replace(' ', '-')}-{rows_per_part}"), rows_per_part=rows_per_part)
+        out.open({"config": {"benchmark": "driver scale"}})
+        stats = RunStats(total_rows=n)
+        if mode == "sink only":  # made before the clock starts: the stand-in's work is not the driver's
+            made = [canned_answers(i, min(BATCH_ROWS, n - i)) for i in range(0, n, BATCH_ROWS)]
+        mem.settle()
+        with mem.window(f"commit, {mode}") as w:
+            started = time.perf_counter()
+            if mode == "sink only":
+                batches = iter(made)
+            else:
+                # As the job's pipeline: read tasks of 4,096 rows, blocks of one batch each, then
+                # the engine stage (here the stand-in) and the driver's commit.
+                ds = ray.data.range(n, override_num_blocks=max(1, n // 4096))
+                ds = ds.repartition(target_num_rows_per_block=BATCH_ROWS)
+                ds = ds.map_batches(_stand_in, batch_size=BATCH_ROWS, batch_format="pyarrow")
+                batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
+            for batch in batches:
+                out.add(batch)
+                stats.add(batch)
+            out.finish({"status": "complete"}, expected_rows={"in.parquet": n})
+            seconds = time.perf_counter() - started
+        made = None
+        figures = memory_figures(w)
+        runs.append({"name": f"commit, {mode}", "rows_per_part": rows_per_part, "rows": n, "seconds": round(seconds, 2),
+                     "rows_per_s": round(n / seconds), "parts": len(out.parts),
+                     "peak_rss_gib": figures.peak_rss_gib, "rise_rss_gib": figures.rise_rss_gib,
+                     "cpu_s": figures.cpu_s})
+        log(f"  commit, {mode}, {rows_per_part} rows per part: {n / seconds:,.0f} rows/s ({n:,} rows in {seconds:.1f}s)")
+    return {"rows": n, "batch_rows": BATCH_ROWS, "answer": ANSWER, "runs": runs}
+
+
+def driver_scale(args, workdir: Path, mem: TreeMemory) -> dict:
+    """Planning and committing at scale on this machine (`--scale-files 0`: committing only); the
+    results' `driver_scale`."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return {"planning": planning(args, workdir, mem) if args.scale_files else None, "commit": commit(args, workdir, mem)}
