@@ -136,6 +136,8 @@ def adapters_for(settings: GenerationSettings, plan: ShardPlan) -> AdapterSet:
         else:
             adapters[name] = {"path": str(adapter.path), "lora_int_id": adapter.lora_int_id, "rank": adapter.rank,
                               "fingerprint": fingerprint}
+            if adapter.uri:  # on an object store: each engine's node copies it (lora_remote.on_this_node)
+                adapters[name]["uri"] = adapter.uri
     usable = [a for a in adapters.values() if "error" not in a]
     if not usable:
         return AdapterSet(adapters)

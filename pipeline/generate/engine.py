@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.errors import JobFailure
+from pipeline.lora_remote import on_this_node
 from pipeline.generate.engine_loop import EngineLoop, engine_dead
 from pipeline.generate.prepare import OUTPUT_SCHEMA, output_table, safe_text
 from pipeline.generate.retry import reseed_for_retry
@@ -139,7 +140,9 @@ class GenerationWorker:
                 f"the vLLM engine could not start for model '{model_path}': {type(exc).__name__}: {exc}. "
                 "Check model.path, engine.max_model_len and the KV cache size (engine.kv_cache_gib)."
             ) from exc
-        self.adapters = adapters  # name -> {"path", "lora_int_id"}
+        # name -> {"path", "lora_int_id"}; an adapter of a registry on an object store is copied
+        # to this node first (once per node and content).
+        self.adapters = on_this_node(adapters)
         self.passthrough = list(passthrough)
         self.samples = samples  # answers per row
         self.retry = retry  # retry=errors: {"attempt", "max_tokens", "truncated"} (pipeline.generate.retry)
