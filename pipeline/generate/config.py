@@ -52,7 +52,14 @@ def check_inputs_outside_output(files, output: str) -> None:
 
 
 def ensure_model(model: ModelSettings) -> str:
-    """The model's path, building the project's tiny model there first if the config says so."""
+    """The model's local path: the project's tiny model built there first if the config says so,
+    a model on an object store copied to this node's cache (`node_model.fetch_model`)."""
+    from pipeline.storage import is_remote
+
+    if is_remote(model.path):
+        from pipeline.generate.node_model import fetch_model
+
+        return str(fetch_model(model.path))
     if model.build == "tiny":
         from pipeline.models.tiny_model import ensure_tiny_model
 

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from pipeline.errors import JobFailure
 from pipeline.lora_remote import on_this_node
+from pipeline.generate.node_model import node_model_path
 from pipeline.generate.engine_loop import EngineLoop, engine_dead
 from pipeline.generate.prepare import OUTPUT_SCHEMA, output_table, safe_text
 from pipeline.generate.retry import reseed_for_retry
@@ -110,7 +111,10 @@ class GenerationWorker:
     """Ray Data callable class: one vLLM engine, many batches."""
 
     def __init__(self, engine: dict, model_path: str, adapters: dict[str, dict], passthrough: list[str],
-                 revision: str | None = None, samples: int = 1, retry: dict | None = None):
+                 revision: str | None = None, samples: int = 1, retry: dict | None = None,
+                 model_source: dict | None = None):
+        if model_source is not None:  # the driver's model, found or made on this node
+            model_path = node_model_path(model_source)
         # One engine per actor in this process: vLLM's engine subprocess would cost start-up time
         # and memory, and the actor is already the unit of isolation Ray restarts.
         if int(engine.get("tensor_parallel_size", 1)) == 1:

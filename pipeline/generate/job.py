@@ -30,6 +30,7 @@ from ray.data.datasource import Datasource, ReadTask
 from pipeline.console import JobConsole
 from pipeline.generate import config as job_config
 from pipeline.generate.config import AdapterSet
+from pipeline.generate.node_model import model_source, prepare_block_on_node
 from pipeline.generate.settings import GenerationSettings, RaySettings, Resources, resolve_resources
 from pipeline.errors import JobFailure, find_failure
 from pipeline.manifests import iso_time, package_versions
@@ -38,7 +39,7 @@ from pipeline.row_templates import RowTemplate
 from pipeline.generate.retry import RetryError, replace_rows, rows_to_redo
 from pipeline.generate.sinks import JOB, MANIFEST, OutputDir, Resume, write_json_atomic
 from pipeline.generate.stats import RunStats
-from pipeline.generate.tasks import prepare_block, preparer_args, read_shard, rows_to_skip
+from pipeline.generate.tasks import preparer_args, read_shard, rows_to_skip
 
 log = logging.getLogger("pipeline.generate.job")
 
@@ -263,7 +264,10 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
     engine = job_config.engine_config(settings, resources, adapters)
     datasource = ShardDatasource(plan, shards, resume, selected, settings.template)
     ds = ray.data.read_datasource(datasource, override_num_blocks=len(shards))
-    prepare = functools.partial(prepare_block, **preparer_args(settings, model_path, adapters, revision))
+    # Tasks and engines find the model on their own node (pipeline.generate.node_model).
+    source = model_source(settings.model, model_path)
+    prepare = functools.partial(prepare_block_on_node, model_source=source,
+                                **preparer_args(settings, model_path, adapters, revision))
     ds = ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, num_cpus=settings.prepare.num_cpus)
     # Ray Data merges a task's outputs into one block, so without this a whole read shard would
     # reach the driver at once: results arrive (and are committed) one engine batch at a time.
@@ -273,6 +277,7 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
         fn_constructor_kwargs={
             "engine": engine,
             "model_path": model_path,
+            "model_source": source,
             "adapters": adapters.adapters,
             "passthrough": list(plan.passthrough),
             "revision": revision,
