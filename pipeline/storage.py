@@ -206,8 +206,9 @@ def expand(spec: str, setting: str = "input", suffix: str = ".parquet") -> list[
         try:
             below = base.files()
         except OSError as exc:
-            raise StorageError(f"{setting}: cannot list {shown(spec)}: {_first_line(exc)}") from None
-        matched = [f for f in below if _glob_match(f.relative_to(base), pattern)]
+            raise StorageError(f"{setting}: cannot list '{shown(spec)}': {_first_line(exc)} "
+                               f"({access_hint(base.uri)})") from None
+        matched = [f for f in below if _visible(f.relative_to(base)) and _glob_match(f.relative_to(base), pattern)]
         if not matched:
             raise StorageError(f"{setting}: the pattern '{shown(spec)}' matches no file")
         return matched
@@ -215,15 +216,34 @@ def expand(spec: str, setting: str = "input", suffix: str = ".parquet") -> list[
     try:
         info = location.info()
     except OSError as exc:
-        raise StorageError(f"{setting}: cannot read {location.shown}: {_first_line(exc)} ({access_hint(location.uri)})") from None
+        raise StorageError(f"{setting}: cannot read '{location.shown}': {_first_line(exc)} ({access_hint(location.uri)})") from None
     if info.type == pafs.FileType.File:
         return [location]
     if info.type == pafs.FileType.Directory:
-        found = location.files(suffix)
+        found = [f for f in location.files(suffix) if _visible(f.relative_to(location))]
         if not found:
-            raise StorageError(f"{setting}: the folder {location.shown} holds no *{suffix} file")
+            raise StorageError(f"{setting}: the folder '{location.shown}' holds no *{suffix} file")
         return found
-    raise StorageError(f"{setting}: {location.shown} does not exist (give a Parquet file, a folder or a glob)")
+    raise StorageError(f"{setting}: '{location.shown}' does not exist (give a Parquet file, a folder or a glob)")
+
+
+def common_root(uris: list[str]) -> str:
+    """The deepest folder holding every one of `uris` (files): what row ids and fingerprints name
+    files relative to, so that the same files give the same names on any store."""
+    split = [str(u).split("/")[:-1] for u in uris]
+    common = split[0]
+    for parts in split[1:]:
+        n = 0
+        while n < min(len(common), len(parts)) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return "/".join(common) or ("/" if common else "")
+
+
+def relative_name(uri: str, root: str) -> str:
+    """`uri`'s name below `root` (see `common_root`), with posix separators."""
+    rel = str(uri)[len(root):].lstrip("/") if root else str(uri)
+    return _posix(rel)
 
 
 def access_hint(uri: str) -> str:
@@ -310,6 +330,12 @@ def _glob_match(rel: str, pattern: str) -> bool:
             out.append(re.escape(c))
             i += 1
     return re.fullmatch("".join(out), rel) is not None
+
+
+def _visible(rel: str) -> bool:
+    """False for a file in a hidden folder or with a hidden name (a leading dot), as shell globs
+    and Parquet readers skip them: a writer's temporary files are never read as inputs."""
+    return not any(part.startswith(".") for part in rel.split("/"))
 
 
 def _posix(path: str) -> str:

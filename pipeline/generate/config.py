@@ -12,9 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from pipeline.generate.planning import ShardPlan
+from pipeline import storage
+from pipeline.generate.planning import ShardPlan, open_parquet, read_columns
 from pipeline.generate.settings import ConfigError, GenerationSettings, ModelSettings, Resources
 from pipeline.manifests import package_versions
 
@@ -41,12 +40,16 @@ class AdapterSet:
 
 def check_inputs_outside_output(files, output: str) -> None:
     """Refuse inputs inside the output folder: a resume would read the job's own parts as requests."""
-    out = os.path.realpath(output)
-    inside = [f for f in files if os.path.realpath(f).startswith(out.rstrip(os.sep) + os.sep)]
+    if storage.is_remote(output):
+        out = output.rstrip("/") + "/"
+        inside = [f for f in files if str(f).startswith(out)]
+    else:
+        out = os.path.realpath(output).rstrip(os.sep) + os.sep
+        inside = [f for f in files if not storage.is_remote(f) and os.path.realpath(f).startswith(out)]
     if inside:
-        shown = ", ".join(inside[:3]) + (f" and {len(inside) - 3} more" if len(inside) > 3 else "")
+        shown = ", ".join(storage.shown(f) for f in inside[:3]) + (f" and {len(inside) - 3} more" if len(inside) > 3 else "")
         raise ConfigError([
-            f"input: {len(inside)} input file(s) lie inside output.path '{output}' ({shown}); "
+            f"input: {len(inside)} input file(s) lie inside output.path '{storage.shown(output)}' ({shown}); "
             "choose an output.path outside the inputs, or narrow the input pattern"
         ])
 
@@ -91,9 +94,9 @@ def lora_names(plan: ShardPlan) -> list[str]:
     """The distinct adapter names the input's rows ask for (reads the `lora` column only)."""
     names: set[str] = set()
     for path in plan.files:
-        if "lora" not in pq.ParquetFile(path).schema_arrow.names:
+        if "lora" not in open_parquet(path).schema_arrow.names:
             continue
-        column = pq.read_table(path, columns=["lora"]).column("lora")
+        column = read_columns(path, ["lora"]).column("lora")
         names.update(v for v in column.unique().to_pylist() if isinstance(v, str) and v.strip())
     return sorted(names)
 

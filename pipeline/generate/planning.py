@@ -11,9 +11,7 @@ Pure module: stdlib, numpy and pyarrow only.
 from __future__ import annotations
 
 import concurrent.futures
-import glob
 import hashlib
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.errors import UserError
 from pipeline.schema import REQUEST_FIELDS
 
@@ -36,7 +35,7 @@ class InputError(UserError):
 class Shard:
     """A run of row groups of one file: one Ray Data read task."""
 
-    path: str
+    path: str  # the file's path or URI: a read task opens its store wherever it runs
     source: str  # the file's name relative to the inputs' common folder, used in row ids
     row_groups: tuple[int, ...]
     first_row: int  # index in the file of the shard's first row
@@ -144,35 +143,36 @@ def request_column_problem(field: str, t: pa.DataType) -> str | None:
 
 
 def resolve_inputs(inputs: str | list[str]) -> list[str]:
-    """Files named by `inputs`: files, folders (every *.parquet below them) or glob patterns."""
+    """Files named by `inputs`: files, folders (every *.parquet below them) or glob patterns, as
+    local absolute paths or URIs on any store (`pipeline.storage`)."""
     specs = [inputs] if isinstance(inputs, str) else list(inputs)
     if not specs:
         raise InputError(["input: no input given; set input=<file, folder or glob of Parquet files>"])
     files: list[str] = []
     problems = []
     for spec in specs:
-        spec = os.path.expanduser(str(spec))
-        if glob.has_magic(spec):
-            matched = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-            if not matched:
-                problems.append(f"input: the pattern '{spec}' matches no file")
-            files.extend(matched)
-        elif os.path.isdir(spec):
-            matched = sorted(glob.glob(os.path.join(spec, "**", "*.parquet"), recursive=True))
-            if not matched:
-                problems.append(f"input: the folder '{spec}' holds no *.parquet file")
-            files.extend(matched)
-        elif os.path.isfile(spec):
-            files.append(spec)
-        else:
-            problems.append(f"input: '{spec}' does not exist (give a Parquet file, a folder or a glob)")
+        try:
+            files.extend(f.uri for f in storage.expand(str(spec), "input"))
+        except storage.StorageError as exc:
+            problems.append(str(exc))
     if problems:
         raise InputError(problems)
-    files = [os.path.abspath(f) for f in files]
     duplicates = sorted({f for f in files if files.count(f) > 1})
     if duplicates:
-        raise InputError([f"input: '{f}' is named more than once; each file is read once" for f in duplicates])
+        raise InputError([f"input: '{storage.shown(f)}' is named more than once; each file is read once"
+                          for f in duplicates])
     return files
+
+
+def open_parquet(uri: str) -> pq.ParquetFile:
+    """The Parquet file at a local path or URI, opened through its store."""
+    location = storage.resolve(uri, "input")
+    return pq.ParquetFile(location.filesystem.open_input_file(location.path))
+
+
+def read_columns(uri: str, columns: list[str]) -> pa.Table:
+    location = storage.resolve(uri, "input")
+    return pq.read_table(location.path, columns=columns, filesystem=location.filesystem)
 
 
 def plan_shards(
@@ -190,15 +190,16 @@ def plan_shards(
     `request_columns` false: columns named like request fields are not read (nor checked)."""
     fields = REQUEST_FIELDS if request_columns else ()
     files = resolve_inputs(inputs)
-    root = os.path.commonpath([os.path.dirname(f) for f in files])
+    root = storage.common_root(files)
     problems: list[str] = []
     shards: list[Shard] = []
     rows_in: dict[str, int] = {}
     column_types: dict[str, dict[str, list[str]]] = {}
     total = 0
-    for path in files:
+    for uri in files:
+        path = storage.shown(uri)  # what messages name
         try:
-            meta = pq.ParquetFile(path)
+            meta = open_parquet(uri)
         except (pa.ArrowInvalid, OSError) as exc:
             problems.append(f"{path}: not a readable Parquet file ({_first_line(exc)})")
             continue
@@ -235,13 +236,13 @@ def plan_shards(
                 column_types.setdefault(name, {}).setdefault(schema.field(name).type, []).append(path)
         wanted = [n for n in schema.names
                   if n in fields or n == id_column or n in passthrough or n in (template_columns or ())]
-        source = os.path.relpath(path, root)
+        source = storage.relative_name(uri, root)
         rows_in[source] = meta.metadata.num_rows
-        shards.extend(_split(path, source, meta.metadata, tuple(wanted), rows_per_shard))
+        shards.extend(_split(uri, source, meta.metadata, tuple(wanted), rows_per_shard))
         total += meta.metadata.num_rows
     for name, by_type in column_types.items():
         if len(by_type) > 1:
-            kinds = "; ".join(f"{t} in {', '.join(os.path.basename(p) for p in ps)}" for t, ps in by_type.items())
+            kinds = "; ".join(f"{t} in {', '.join(p.rsplit('/', 1)[-1] for p in ps)}" for t, ps in by_type.items())
             problems.append(f"passthrough column '{name}' has different types across files ({kinds}); make them agree")
     missing = [name for name in passthrough if name not in column_types]
     if missing and len(rows_in) == len(files):
@@ -290,12 +291,12 @@ def file_fingerprints(files: list[str], root: str, rows_in: dict[str, int]) -> d
     Files are hashed a few at a time: reading them is most of the cost, and storage serves
     several reads at once."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
-        sources = [os.path.relpath(f, root) for f in files]
+        sources = [storage.relative_name(f, root) for f in files]
         digests = pool.map(lambda pair: file_fingerprint(pair[0], rows_in[pair[1]]), zip(files, sources))
         return dict(zip(sources, digests))
 
 
-def file_fingerprint(path: str, num_rows: int) -> str:
+def file_fingerprint(uri: str, num_rows: int) -> str:
     """What identifies a file's content for resuming: its row count and a hash of every byte.
 
     Any edit (two prompts swapped, one changed for another of the same length) changes it, while
@@ -303,7 +304,8 @@ def file_fingerprint(path: str, num_rows: int) -> str:
     pieces; next to generating its rows, reading them once more costs little.
     """
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    location = storage.resolve(uri, "input")
+    with location.filesystem.open_input_stream(location.path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return f"{num_rows}:sha256:{digest.hexdigest()}"
@@ -317,10 +319,10 @@ def _duplicate_ids(files: list[str], root: str, id_column: str) -> list[str]:
     """
     tables = []
     for index, path in enumerate(files):
-        column = pq.read_table(path, columns=[id_column]).column(id_column)
+        column = read_columns(path, [id_column]).column(id_column)
         ids = _as_text(column)
         if ids.null_count:
-            source = os.path.relpath(path, root)
+            source = storage.relative_name(path, root)
             derived = pa.array([derived_row_id(source, r) for r in range(len(ids))], pa.large_string())
             ids = pc.if_else(pc.is_null(ids), derived, ids)
         tables.append(pa.table({"id": ids, "file": pa.array(np.full(len(ids), index, np.int32))}))
@@ -333,7 +335,7 @@ def _duplicate_ids(files: list[str], root: str, id_column: str) -> list[str]:
         return []
     shown = []
     for row in dup.slice(0, 5).to_pylist():
-        first, last = os.path.basename(files[row["file_min"]]), os.path.basename(files[row["file_max"]])
+        first, last = (files[row[k]].rsplit("/", 1)[-1] for k in ("file_min", "file_max"))
         shown.append(f"'{row['id']}' ({first} and {last})")
     more = f" and {dup.num_rows - 5} more" if dup.num_rows > 5 else ""
     return [

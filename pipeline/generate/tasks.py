@@ -10,14 +10,14 @@ import functools
 import json
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.errors import JobFailure
 from pipeline.generate.config import AdapterSet
-from pipeline.generate.planning import Shard
+from pipeline.generate.planning import Shard, open_parquet
 from pipeline.generate.prepare import JOB_DEFAULTS, Preparer, canonical_block, job_request_defaults, unreadable_block
 from pipeline.generate.settings import GenerationSettings
 from pipeline.generate.sinks import Resume
+from pipeline.storage import shown
 
 
 def rows_to_skip(shard: Shard, resume: Resume, selected: dict[str, list[int]] | None) -> frozenset[int]:
@@ -101,13 +101,15 @@ def _preparer(model_path, job_seed, max_model_len, date_string, ignore_eos, adap
 
 
 def read_shard(shard: Shard, id_column, passthrough, passthrough_types, skip, template=None):
+    # `shard.path` is a path or URI: the store is opened here, on whatever node runs the task,
+    # with that node's credentials.
     try:
-        source = pq.ParquetFile(shard.path)
+        source = open_parquet(shard.path)
     except (OSError, pa.ArrowException) as exc:
         # Not about some rows: the file that planning read is gone, unreadable or replaced. The
         # job stops (and resumes once the file is back) rather than turning its rows into errors.
         raise InputFileChanged(
-            f"input file {shard.path} can no longer be read as planned ({type(exc).__name__}: {exc}); "
+            f"input file {shown(shard.path)} can no longer be read as planned ({type(exc).__name__}: {exc}); "
             "restore it and rerun the same command to resume"
         ) from exc
     try:

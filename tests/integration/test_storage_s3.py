@@ -31,5 +31,5 @@ def test_s3_files_are_listed_read_and_written(s3_bucket):
 
 
 def test_missing_buckets_and_keys_are_refused_with_the_uri(s3_server):
-    with pytest.raises(StorageError, match=r"input: s3://no-such-bucket-here/x.parquet does not exist"):
+    with pytest.raises(StorageError, match=r"input: 's3://no-such-bucket-here/x.parquet' does not exist"):
         storage.expand("s3://no-such-bucket-here/x.parquet")

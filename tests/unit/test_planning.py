@@ -94,3 +94,41 @@ def test_same_file_twice(tmp_path):
     a = write(str(tmp_path / "a.parquet"), [{"prompt": "x"}])
     with pytest.raises(InputError, match="named more than once"):
         resolve_inputs([a, str(tmp_path / "*.parquet")])
+
+
+def test_the_same_files_on_another_store_plan_to_the_same_ids_and_fingerprints(tmp_path):
+    """Row ids and fingerprints name files relative to the inputs' common folder, so the same
+    files plan the same on a local disk and on any other store (here fsspec's memory://); read
+    tasks open the store from the shard's URI."""
+    import uuid
+
+    from pipeline import storage
+    from pipeline.generate.sinks import Resume
+    from pipeline.generate.tasks import read_shard, rows_to_skip
+
+    rows = {"a.parquet": [{"prompt": f"p{i}", "seed": i} for i in range(30)],
+            "sub/b.parquet": [{"prompt": f"q{i}"} for i in range(12)]}
+    remote = storage.resolve(f"memory://plan-{uuid.uuid4().hex[:8]}/in")
+    for name, batch in rows.items():
+        write(str(tmp_path / "in" / name), batch, row_group_size=10)
+        target = remote.join(name)
+        pq.write_table(pa.Table.from_pylist(batch), target.path, filesystem=target.filesystem, row_group_size=10)
+    (tmp_path / "in" / ".hidden.parquet").write_bytes(b"a writer's temporary file")
+    remote.join(".hidden.parquet").write_bytes(b"a writer's temporary file")
+
+    local_plan = plan_shards(str(tmp_path / "in"), rows_per_shard=10)
+    remote_plan = plan_shards(remote.uri, rows_per_shard=10)
+    assert remote_plan.files == (remote.join("a.parquet").uri, remote.join("sub/b.parquet").uri)
+    assert remote_plan.fingerprints == local_plan.fingerprints and set(remote_plan.fingerprints) == set(rows)
+    assert remote_plan.rows_in == local_plan.rows_in == {"a.parquet": 30, "sub/b.parquet": 12}
+    assert [(s.source, s.first_row) for s in remote_plan.shards] == [(s.source, s.first_row) for s in local_plan.shards]
+
+    def ids(plan):
+        out = []
+        for shard in plan.shards:
+            for block in read_shard(shard, None, (), {}, rows_to_skip(shard, Resume(), None)):
+                out += block.column("_id").to_pylist()
+        return out
+
+    assert ids(remote_plan) == ids(local_plan) == [f"a.parquet#{i}" for i in range(30)] + [
+        f"sub/b.parquet#{i}" for i in range(12)]

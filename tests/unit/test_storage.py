@@ -40,7 +40,7 @@ def test_expand_file_folder_and_globs(tmp_path):
 
 
 def test_expand_refuses_what_names_nothing(tmp_path):
-    with pytest.raises(StorageError, match=r"input: .*missing.parquet does not exist"):
+    with pytest.raises(StorageError, match=r"input: .*missing.parquet' does not exist"):
         storage.expand(str(tmp_path / "missing.parquet"))
     with pytest.raises(StorageError, match="matches no file"):
         storage.expand(str(tmp_path / "*.parquet"))
