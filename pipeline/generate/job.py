@@ -38,7 +38,7 @@ from pipeline.generate.planning import Shard, ShardPlan, limit_rows, plan_shards
 from pipeline.row_templates import RowTemplate
 from pipeline.generate.retry import RetryError, replace_rows, rows_to_redo
 from pipeline.generate.sinks import JOB, MANIFEST, OutputDir, Resume, write_json_atomic
-from pipeline.generate.stats import RunStats
+from pipeline.generate.stats import RunStats, untag_node
 from pipeline.generate.tasks import preparer_args, read_shard, rows_to_skip
 
 log = logging.getLogger("pipeline.generate.job")
@@ -130,10 +130,11 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
                                    model.get("commit"), selected)
                 try:
                     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                        batch, node = untag_node(batch)
                         out.add(batch)
                         if on_batch is not None:
                             on_batch(batch)
-                        stats.add(batch)
+                        stats.add(batch, node=node)
                         progress.update(stats)
                 except Exception as exc:
                     _stop(out, exc)
@@ -153,6 +154,7 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
                 "tokens": stats.tokens(),
                 "wall_time_s": round(finished - started, 3),
                 "throughput": stats.throughput(finished - started),
+                "nodes": stats.nodes,  # rows this run's engines answered, per Ray node id
                 # (seconds, rows, completion tokens) of this run after each committed batch
                 "timeline": {"clock": "seconds since this run started generating", "points": stats.timeline},
             },
@@ -193,7 +195,7 @@ def _redo_failed_rows(settings: GenerationSettings, console: JobConsole, out: Ou
             "max_model_len": settings.engine.max_model_len}
     ds = build_dataset(settings, resources, plan, shards, Resume(), model_path, adapters, model.get("commit"),
                        redo.sources, retry=spec)
-    tables = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    tables = [untag_node(t)[0] for t in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
     replaced = replace_rows(redo, pa.concat_tables(tables, promote_options="permissive"))
     stats = RunStats(total_rows=manifest["counts"]["rows_in"])
     for table in out.committed_stats_tables():
@@ -278,6 +280,7 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
             "engine": engine,
             "model_path": model_path,
             "model_source": source,
+            "node_id": _node_id,
             "adapters": adapters.adapters,
             "passthrough": list(plan.passthrough),
             "revision": revision,
@@ -339,6 +342,11 @@ class ShardDatasource(Datasource):
             )
             for shard in self.shards
         ]
+
+
+def _node_id() -> str:
+    """The Ray node the calling process runs on (engines tag their batches with it)."""
+    return ray.get_runtime_context().get_node_id()
 
 
 def _init_ray(ray_settings: RaySettings) -> None:
