@@ -70,6 +70,38 @@ def shown(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+# Query keys that carry secrets in some filesystems' URIs (pyarrow's S3, fsspec's stores).
+_SECRET_KEYS = re.compile(r"(key|secret|token|password|passwd|credential|signature|sig|sas)", re.I)
+
+
+def uri_problem(uri: str, setting: str) -> str | None:
+    """Why `uri` cannot be used as `setting` without opening it, or None: a scheme with no
+    filesystem installed, or credentials written into the URI (they would end up in job.json,
+    the manifest and the logs; each store's environment or config files hold them instead)."""
+    uri = str(uri)
+    scheme = scheme_of(uri)
+    if not scheme:
+        return None
+    parts = urlsplit(uri)
+    secret_query = [q.split("=", 1)[0] for q in parts.query.split("&") if q and _SECRET_KEYS.search(q.split("=", 1)[0])]
+    if parts.password or parts.username or secret_query:
+        return (f"{setting}: {shown(uri)} holds credentials; remove them from the URI and give them the store's "
+                f"standard way ({access_hint(uri)})")
+    if scheme in PYARROW_SCHEMES:
+        return None
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as exc:
+        package = FSSPEC_PACKAGES.get(scheme, exc.name or f"the fsspec implementation of {scheme}://")
+        return f"{setting}: {shown(uri)} needs a filesystem for {scheme}:// that is not installed: pip install {package}"
+    except ValueError:
+        return (f"{setting}: no filesystem is known for {scheme}:// in {shown(uri)}; use a local path, s3://, "
+                "gs://, hf:// or a scheme whose fsspec package is installed")
+    return None
+
+
 def has_glob(spec: str) -> bool:
     return bool(_MAGIC.search(str(spec)))
 
@@ -244,6 +276,21 @@ def relative_name(uri: str, root: str) -> str:
     """`uri`'s name below `root` (see `common_root`), with posix separators."""
     rel = str(uri)[len(root):].lstrip("/") if root else str(uri)
     return _posix(rel)
+
+
+def check_writable(location: Location, setting: str = "output.path") -> None:
+    """Write a small hidden object below `location` and delete it again, so that a bucket that does
+    not exist, missing credentials or no permission to write are refused before any work starts,
+    naming `setting`, the URI and the fix. Nothing is left behind."""
+    probe = location.join(f".write-probe-{uuid.uuid4().hex}")
+    try:
+        probe.write_bytes(b"probe")
+        probe.delete()
+    except OSError as exc:
+        raise StorageError(
+            f"{setting}: cannot write to '{location.shown}': {_first_line(exc)}; check that the bucket or "
+            f"folder exists and that these credentials may write and delete there ({access_hint(location.uri)})"
+        ) from None
 
 
 def access_hint(uri: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -40,13 +41,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3 protocol server (moto's server mode) on 127.0.0.1, for the whole session.
-
-    Clients find it the way a user's S3-compatible store is found: `AWS_ENDPOINT_URL` and the
-    standard `AWS_*` credentials in the environment, set here for this process and the Ray
-    workers it starts afterwards. Yields the endpoint URL; `s3_bucket` makes buckets on it."""
+@contextlib.contextmanager
+def moto_s3_server(**server_env):
+    """moto's S3 server on a free port of 127.0.0.1, stopped on exit; yields its endpoint URL.
+    `server_env`: the server's own settings (INITIAL_NO_AUTH_ACTION_COUNT turns its IAM on)."""
     import subprocess
     import sys
     import time
@@ -57,6 +55,7 @@ def s3_server():
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **server_env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -71,6 +70,23 @@ def s3_server():
                 time.sleep(0.1)
         else:
             raise RuntimeError(f"moto's S3 server did not answer on {endpoint}")
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 protocol server (moto's server mode) on 127.0.0.1, for the whole session.
+
+    Clients find it the way a user's S3-compatible store is found: `AWS_ENDPOINT_URL` and the
+    standard `AWS_*` credentials in the environment, set here for this process and the Ray
+    workers it starts afterwards. Yields the endpoint URL; `s3_bucket` makes buckets on it."""
+    with moto_s3_server() as endpoint:
         env = {
             "AWS_ENDPOINT_URL": endpoint,
             "AWS_ACCESS_KEY_ID": "test-key",
@@ -81,18 +97,14 @@ def s3_server():
         }
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
-        yield endpoint
-    finally:
-        proc.terminate()
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        for k, v in locals().get("saved", {}).items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            yield endpoint
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 @pytest.fixture

@@ -312,24 +312,26 @@ def read_tool_calls(value: Any) -> list[dict]:
 
 def load_outputs(path: str | os.PathLike) -> list[dict]:
     """Read a generation job's output (its output folder, a folder of `*.parquet` parts read in
-    name order, or one Parquet file) as a list of row dicts, with `tool_calls` decoded to
-    `[{name, arguments: dict}]`."""
+    name order, or one Parquet file; local or a URI on any store) as a list of row dicts, with
+    `tool_calls` decoded to `[{name, arguments: dict}]`."""
     import pyarrow.parquet as pq
 
-    path = os.fspath(path)
-    if os.path.isdir(os.path.join(path, "parts")):
-        path = os.path.join(path, "parts")
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
+    from pipeline import storage
+
+    location = storage.resolve(os.fspath(path), "path")
+    if location.join("parts").is_dir():
+        location = location.join("parts")
+    if location.is_dir():
+        files = [f for f in location.children() if f.name.endswith(".parquet") and f.is_file()]
         if not files:
-            raise FileNotFoundError(f"no .parquet files in {path}")
-    elif os.path.exists(path):
-        files = [path]
+            raise FileNotFoundError(f"no .parquet files in {location.shown}")
+    elif location.is_file():
+        files = [location]
     else:
-        raise FileNotFoundError(f"no such output file or folder: {path}")
+        raise FileNotFoundError(f"no such output file or folder: {location.shown}")
     rows: list[dict] = []
     for file in files:
-        for row in pq.read_table(file).to_pylist():
+        for row in pq.read_table(file.path, filesystem=file.filesystem).to_pylist():
             if "tool_calls" in row:
                 row["tool_calls"] = read_tool_calls(row["tool_calls"])
             rows.append(row)

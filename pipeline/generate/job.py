@@ -29,6 +29,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.console import JobConsole
 from pipeline.generate import config as job_config
+from pipeline.generate import dataset_inputs
 from pipeline.generate.config import AdapterSet
 from pipeline.generate.node_model import model_source, prepare_block_on_node
 from pipeline.generate.settings import GenerationSettings, RaySettings, Resources, resolve_resources
@@ -37,9 +38,10 @@ from pipeline.manifests import iso_time, package_versions
 from pipeline.generate.planning import Shard, ShardPlan, limit_rows, plan_shards
 from pipeline.row_templates import RowTemplate
 from pipeline.generate.retry import RetryError, replace_rows, rows_to_redo
-from pipeline.generate.sinks import JOB, MANIFEST, OutputDir, Resume, write_json_atomic
+from pipeline.generate.sinks import JOB, OutputDir, Resume, output_dir
 from pipeline.generate.stats import RunStats, untag_node
 from pipeline.generate.tasks import preparer_args, read_shard, rows_to_skip
+from pipeline import storage
 
 log = logging.getLogger("pipeline.generate.job")
 
@@ -62,7 +64,8 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
     # file under output.path: a refused job writes nothing.
     model_path = job_config.ensure_model(settings.model)
     plan = plan_shards(
-        list(settings.input),
+        dataset_inputs.parquet_inputs(settings.input, settings.dataset.split, settings.dataset.config_name,
+                                      _cache_folder()),
         id_column=settings.id_column,
         passthrough=list(settings.passthrough),
         rows_per_shard=settings.read.rows_per_shard,
@@ -74,8 +77,9 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
     job_config.check_inputs_outside_output(plan.files, settings.output.path)
     model = job_config.model_fingerprint(settings.model, model_path)
     adapters = job_config.adapters_for(settings, plan)
-    if settings.retry and not os.path.isfile(os.path.join(settings.output.path, JOB)):
-        raise RetryError([f"output.path '{settings.output.path}' holds no output of this job to retry (no {JOB}); "
+    output = storage.resolve(settings.output.path, "output.path")
+    if settings.retry and not output.join(JOB).is_file():
+        raise RetryError([f"output.path '{output.shown}' holds no output of this job to retry (no {JOB}); "
                           "run the job first, then retry=errors redoes its failed rows"])
     if settings.plan:  # a dry run: no Ray, no engine, nothing written
         from pipeline.generate.preview import preview
@@ -83,9 +87,14 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
         result = preview(settings, plan, selected, model_path, adapters, model.get("commit"))
         print(result.text(settings.output.path), file=sys.stderr)
         return {"status": "plan", "plan": result.record()}
-    with JobConsole(os.path.join(settings.output.path, "logs", LOG_FILE), verbose=settings.verbose) as console:
+    if not output.is_local:
+        storage.check_writable(output, "output.path")  # a bucket that is missing, read-only or unreachable
+    with JobConsole(_log_file(output), verbose=settings.verbose) as console:
         log.info("settings:\n%s", json.dumps(settings.record(), indent=2))
-        return _run(settings, console, on_batch, started, model_path, plan, selected, model, adapters)
+        try:
+            return _run(settings, console, on_batch, started, model_path, plan, selected, model, adapters)
+        finally:
+            _upload_log(console, output)
 
 
 def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: float, model_path: str,
@@ -97,7 +106,7 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
     resolved = resolve_resources(settings, resources.get("GPU", 0), resources.get("CPU"), node_cpus)
     log.info("resources: %s", json.dumps(dataclasses.asdict(resolved)))
 
-    out = OutputDir(
+    out = output_dir(
         settings.output.path,
         overwrite=settings.output.overwrite,
         rows_per_part=settings.output.rows_per_part,
@@ -109,11 +118,11 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
             _shutdown(settings.ray)
             return manifest
         if resume.complete:
-            console.print(f"{out.path} already holds this job's complete output; nothing to do")
+            console.print(f"{out.shown} already holds this job's complete output; nothing to do")
             _shutdown(settings.ray)
             return resume.manifest
         console.print(
-            f"generate: {planned_rows * settings.n:,} rows from {len(plan.files)} file(s) -> {out.path}; "
+            f"generate: {planned_rows * settings.n:,} rows from {len(plan.files)} file(s) -> {out.shown}; "
             f"{settings.model.name} on {resolved.device}, {settings.workers} engine(s)"
             + (f"; log: {console.log_file}" if console.log_file and not settings.verbose else "")
         )
@@ -148,7 +157,7 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
                 "resources": dataclasses.asdict(resolved),
                 "versions": package_versions(python=True),
                 "model": model,
-                "inputs": {"files": list(plan.files), "fingerprints": plan.fingerprints},
+                "inputs": {"files": [storage.shown(f) for f in plan.files], "fingerprints": plan.fingerprints},
                 "adapters": adapters.adapters,
                 "counts": stats.counts(),
                 "tokens": stats.tokens(),
@@ -164,7 +173,7 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
         )
     finally:
         out.close()
-    lines = [stats.summary(out.path)]
+    lines = [stats.summary(out.shown)]
     report = _write_report(out.path)
     if report:
         lines.append(f"  report: {report}")
@@ -216,7 +225,7 @@ def _redo_failed_rows(settings: GenerationSettings, console: JobConsole, out: Ou
             "ids": redo.ids,
         }],
     }
-    write_json_atomic(os.path.join(out.path, MANIFEST), manifest)
+    out.rewrite_manifest(manifest)
     out.close()
     report = _write_report(out.path)
     console.print(f"retry {attempt}: {replaced:,} row(s) redone, {len(still.ids):,} still failing -> {out.path}"
@@ -247,10 +256,40 @@ def _stop(out: OutputDir, exc: Exception) -> None:
     if failure is not None:
         reason = failure.args[0] if failure.args else str(failure)
     elif isinstance(exc, OSError):  # the output's storage: full, read-only, permission denied
-        reason = f"writing the output to {out.path} failed: {exc}"
+        reason = f"writing the output to {out.shown} failed: {exc}"
     else:
         raise exc
     raise JobFailure(f"{reason}\nThe rows committed so far are kept: rerun the same command to resume.") from exc
+
+
+def _cache_folder() -> str:
+    """The project's local cache ($PIPELINE_CACHE, else .cache), where a `datasets` input's split
+    is kept as Parquet (pipeline.generate.dataset_inputs)."""
+    return os.path.abspath(os.environ.get("PIPELINE_CACHE", ".cache"))
+
+
+def _log_file(output: storage.Location) -> str:
+    """The job's log file: `<output>/logs/generate.log` in a local output folder; for an output on
+    another store a local file (uploaded there when the job ends, `_upload_log`)."""
+    if output.is_local:
+        return os.path.join(output.path, "logs", LOG_FILE)
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(output.uri.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "llama-batch-logs", key, LOG_FILE)
+
+
+def _upload_log(console: JobConsole, output: storage.Location) -> None:
+    """Copy the local log file of a job whose output is on another store to `<output>/logs/`."""
+    if output.is_local or not console.log_file or not os.path.isfile(console.log_file):
+        return
+    try:
+        with open(console.log_file, "rb") as f:
+            output.join("logs", LOG_FILE).write_bytes(f.read())
+    except OSError as exc:
+        log.warning("the log file stays at %s: copying it to %s failed (%s)", console.log_file,
+                    output.join("logs", LOG_FILE).shown, exc)
 
 
 def _shutdown(ray_settings: RaySettings) -> None:

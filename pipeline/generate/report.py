@@ -2,7 +2,7 @@
 what failed and why, how fast" without opening Python.
 
 The job writes it after `manifest.json`; `python -m jobs.report OUTPUT` rebuilds it for any
-output folder, finished or interrupted, from what is on disk: the committed parts, `job.json`
+output folder, finished or interrupted, on a local disk or any store (`pipeline.storage`), from what is there: the committed parts, `job.json`
 and `manifest.json` when there is one. The usage columns of every row are read, but row text
 only for the few sample rows the page shows, so a report of millions of rows stays cheap.
 
@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.errors import UserError
-from pipeline.generate.part_files import tmp_name
 from pipeline.generate.prepare import OUTPUT_SCHEMA
-from pipeline.generate.sinks import JOB, MANIFEST, REPORT, STATS_COLUMNS, OutputDir
+from pipeline.generate.sinks import JOB, MANIFEST, REPORT, STATS_COLUMNS, output_dir
 from pipeline.report_html import Section, Table, bar_chart, histogram, key_value_table, line_chart, render_page
 
 # Columns every part has that are not the request's own passthrough columns.
@@ -65,12 +65,9 @@ def write_report(output: str) -> str:
     """Build the report of the output folder `output` and write it as `<output>/report.html`
     (replaced whole, never half written); return its path."""
     html = build_report(output)
-    path = os.path.join(output, REPORT)
-    tmp = tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(html)
-    os.replace(tmp, path)
-    return path
+    target = storage.resolve(output, "output.path").join(REPORT)
+    target.write_text(html)  # a hidden file renamed into place, or one PUT: never seen half written
+    return target.shown
 
 
 def build_report(output: str) -> str:
@@ -80,10 +77,10 @@ def build_report(output: str) -> str:
 def read_output(output: str) -> OutputSummary:
     """Everything the report needs from `output`; a folder that holds no job output is a
     UserError naming it."""
-    if not os.path.isdir(output):
-        raise UserError(f"'{output}' is not a folder; give the output.path of a generation job")
+    if not storage.resolve(output, "output.path").is_dir():
+        raise UserError(f"'{storage.shown(output)}' is not a folder; give the output.path of a generation job")
     manifest, job = _read_json(output, MANIFEST), _read_json(output, JOB)
-    parts = OutputDir(output).part_files()
+    parts = output_dir(output).part_files()
     if job is None and manifest is None and not parts:
         raise UserError(
             f"'{output}' holds no generation job output (no {JOB}, {MANIFEST} or parts/part-*.parquet); "
@@ -92,12 +89,12 @@ def read_output(output: str) -> OutputSummary:
     tables, part_times = [], []
     for index, path in enumerate(parts):
         try:
-            table = pq.read_table(path, columns=["id", *STATS_COLUMNS])
+            table = _read_part(path, ["id", *STATS_COLUMNS])
         except (OSError, pa.ArrowException) as exc:
             raise UserError(f"'{path}' cannot be read as a part ({exc}); remove it or rerun the job to resume") from exc
         n = table.num_rows
         tokens = int(pc.sum(table.column("completion_tokens")).as_py() or 0)
-        part_times.append((os.stat(path).st_mtime, n, tokens))
+        part_times.append((_mtime(path) or 0.0, n, tokens))
         tables.append(table.append_column("part", pa.array([index] * n, pa.int32()))
                       .append_column("row", pa.array(range(n), pa.int32())))
     schema = pa.schema([("id", pa.string()), ("error", pa.string()), ("prompt_tokens", pa.int64()),
@@ -107,13 +104,27 @@ def read_output(output: str) -> OutputSummary:
     return OutputSummary(output, manifest, job, rows, parts, part_times)
 
 
+def _read_part(path: str, columns: list[str] | None = None) -> pa.Table:
+    location = storage.resolve(path)
+    return pq.read_table(location.path, columns=columns, filesystem=location.filesystem)
+
+
+def _mtime(path: str) -> float | None:
+    """When the file was last written (a part's commit), in seconds since the epoch."""
+    try:
+        mtime = storage.resolve(path).info().mtime
+    except OSError:
+        return None
+    return mtime.timestamp() if mtime is not None else None
+
+
 def _read_json(folder: str, name: str) -> dict | None:
-    path = os.path.join(folder, name)
-    if not os.path.lexists(path):
+    location = storage.resolve(folder).join(name)
+    path = location.shown
+    if not location.exists():
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(location.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"'{path}' cannot be read ({exc}); the output is damaged") from exc
     if not isinstance(data, dict):
@@ -177,10 +188,8 @@ def throughput_points(summary: OutputSummary) -> tuple[list[float], list[int], l
 
 
 def _job_started(folder: str, first_part: float) -> float:
-    try:
-        return min(os.stat(os.path.join(folder, JOB)).st_mtime, first_part)
-    except OSError:
-        return first_part
+    written = _mtime(storage.resolve(folder).join(JOB).uri)
+    return first_part if written is None else min(written, first_part)
 
 
 def render(summary: OutputSummary) -> str:
@@ -291,8 +300,10 @@ def _labels_section(summary: OutputSummary, settings: dict) -> Section:
         return Section("Labels")  # not a labelling job: the section is left out
     labels, confidence = Counter(), []
     for path in summary.parts:
-        wanted = ["response", "error"] + (["label_probs"] if "label_probs" in pq.read_schema(path).names else [])
-        table = pq.read_table(path, columns=wanted)
+        location = storage.resolve(path)
+        names = pq.read_schema(location.path, filesystem=location.filesystem).names
+        table = _read_part(path, ["response", "error"] + (["label_probs"] if "label_probs" in names else []))
+        wanted = table.column_names
         probs = table.column("label_probs").to_pylist() if "label_probs" in wanted else [None] * table.num_rows
         for response, error, label_probs in zip(table.column("response").to_pylist(),
                                                 table.column("error").to_pylist(), probs):
@@ -339,7 +350,7 @@ def _samples_section(summary: OutputSummary) -> Section:
     full: dict[tuple[int, int], dict] = {}
     passthrough: list[str] = []
     for part, indices in wanted.items():
-        table = pq.read_table(summary.parts[part])
+        table = _read_part(summary.parts[part])
         passthrough += [c for c in table.column_names if c not in OUTPUT_COLUMNS and c not in passthrough]
         for i in indices:
             full[(part, i)] = table.slice(i, 1).to_pylist()[0]

@@ -12,8 +12,9 @@ same way again and are left as they are.
 A redone row gets a new seed (`retry_seed`: from its seed and the attempt number, so the retry is
 reproducible and does not repeat the answer that failed); its id, source and passthrough columns
 stay. The new answers replace the old rows in the parts that hold them: each part is rewritten to
-a temporary file and renamed over the old one, so a reader of `<output>/parts` sees every id
-exactly once at every moment, before, during and after. The manifest is then rewritten with the
+a temporary file and renamed over the old one (on an object store, put whole in one request, which
+readers see entirely or not at all), so a reader of `<output>/parts` sees every id exactly once at
+every moment, before, during and after. The manifest is then rewritten with the
 new counts and a `retries` entry naming the rows redone.
 
 Pure module: pyarrow and the output folder's own files.
@@ -29,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.errors import UserError
 from pipeline.generate.part_files import tmp_name
 from pipeline.generate.samples import with_seeds
@@ -66,7 +68,7 @@ def rows_to_redo(part_paths: list[str], max_tokens: int | None) -> RedoPlan:
     truncated = set()
     for path in part_paths:
         columns = ["id", "error", "tool_parse", "finish_reason", "completion_tokens", "source_file", "source_row"]
-        table = pq.read_table(path, columns=columns)
+        table = _read(path, columns)
         for row in table.to_pylist():
             reason = redo_reason(row, max_tokens)
             if reason is None:
@@ -120,7 +122,7 @@ def replace_rows(plan: RedoPlan, new_rows: pa.Table) -> int:
         raise RuntimeError(f"retry: {len(missing)} redone row(s) came back without an answer, e.g. {sorted(missing)[:3]}")
     replaced = 0
     for path, rows in plan.by_part.items():
-        table = pq.read_table(path)
+        table = _read(path)
         old_ids = table.column("id").to_pylist()
         take_new = [by_id.get(row_id) if row_id in rows else None for row_id in old_ids]
         positions = [i for i, j in enumerate(take_new) if j is not None]
@@ -133,6 +135,12 @@ def replace_rows(plan: RedoPlan, new_rows: pa.Table) -> int:
             pa.array(positions, pa.int64()),
         ])}), sort_keys=[("at", "ascending")])
         merged = pa.concat_tables([table.filter(mask), fresh]).take(order)
+        replaced += len(positions)
+        if storage.is_remote(path):
+            buffer = pa.BufferOutputStream()
+            pq.write_table(merged, buffer)
+            storage.resolve(path).write_bytes(buffer.getvalue().to_pybytes())
+            continue
         tmp = tmp_name(path)
         try:
             pq.write_table(merged, tmp)
@@ -142,5 +150,9 @@ def replace_rows(plan: RedoPlan, new_rows: pa.Table) -> int:
         finally:
             if os.path.lexists(tmp):
                 os.remove(tmp)
-        replaced += len(positions)
     return replaced
+
+
+def _read(path: str, columns: list[str] | None = None) -> pa.Table:
+    location = storage.resolve(path)
+    return pq.read_table(location.path, columns=columns, filesystem=location.filesystem)

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.generate.dataset_inputs import is_dataset_name
 from pipeline.model_settings import ModelSettings, PromptSettings
 from pipeline.row_templates import RowTemplate, template_problems
 from pipeline.settings_common import absolute, build, looks_local, to_plain
+from pipeline.storage import uri_problem
 
 # More answers per row than this is a mistake, not a sampling plan: each is an output row.
 MAX_SAMPLES_PER_ROW = 1000
@@ -92,6 +94,17 @@ class OutputSettings:
     """Replace this job's earlier output in `path` instead of refusing or resuming."""
     rows_per_part: int = 1024
     """Rows per committed Parquet part."""
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    """For an input that is a Hugging Face `datasets` name or saved dataset
+    (pipeline.generate.dataset_inputs)."""
+
+    split: str = "train"
+    """The split to read."""
+    config_name: str | None = None
+    """The dataset's configuration (null: its default)."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +192,8 @@ class GenerationSettings:
     retry_max_tokens: int | None = None
     """With retry=errors: also redo the rows cut off by max_tokens, with this many tokens."""
     ray: RaySettings = field(default_factory=RaySettings)
+    dataset: DatasetSettings = field(default_factory=DatasetSettings)
+    """For a `datasets` name as input: its split and configuration."""
     progress: bool = True
     """Show the job's progress bar."""
     verbose: bool = False
@@ -207,7 +222,8 @@ class GenerationSettings:
         prompt = s.get("prompt") or {}
         stop = s.get("stop")
         return cls(
-            input=tuple(absolute(p) for p in inputs),
+            input=tuple(str(p) if is_dataset_name(str(p)) else absolute(p) for p in inputs),
+            dataset=build(DatasetSettings, s.get("dataset") or {}),
             output=build(OutputSettings, {**s["output"], "path": absolute(s["output"]["path"])}),
             model=build(ModelSettings, {**model, "path": model_path}),
             engine=build(EngineSettings, engine),
@@ -323,6 +339,12 @@ def _problems(s: dict) -> list[str]:
         problems.append("input: required: a Parquet file, a folder or a glob (e.g. input=data/sample_requests.parquet)")
     if not output.get("path"):
         problems.append("output.path: required: the folder to write Parquet parts and manifest.json into")
+    inputs = s.get("input") or []
+    for setting, uri in [("input", i) for i in ([inputs] if isinstance(inputs, str) else inputs)] + [
+            ("output.path", output.get("path") or "")]:
+        problem = uri_problem(str(uri), setting)
+        if problem:
+            problems.append(problem)
     need_int("workers", s.get("workers"), 1)
     need_int("batch_size", s.get("batch_size"), 1)
     if s.get("batches_in_flight") is not None:

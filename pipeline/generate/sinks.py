@@ -118,8 +118,13 @@ class OutputDir:
         self.parts: list[dict] = []
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
-        self._lock = FolderLock(path, error=OutputError)
+        self._lock = self._make_lock()
         self._next: int | None = None  # the next part index, once known
+
+    @property
+    def shown(self) -> str:
+        """The folder as messages name it (a URI without credentials)."""
+        return self.path
 
     def __enter__(self) -> OutputDir:
         return self
@@ -139,8 +144,36 @@ class OutputDir:
         except Exception:
             pass
 
+    # -- the folder's storage: a local disk here; an object store in `store_output.StoreOutputDir` --
+
+    def _make_lock(self):
+        return FolderLock(self.path, error=OutputError)
+
     def _file(self, name: str) -> str:
         return os.path.join(self.path, name)
+
+    def _exists(self, path: str) -> bool:
+        return os.path.lexists(path)
+
+    def _read_text(self, path: str) -> str:
+        with open(path) as f:
+            return f.read()
+
+    def _write_json(self, path: str, data: dict) -> None:
+        write_json_atomic(path, data)
+
+    def _read_part(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(path, columns=columns)
+
+    def _relative(self, path: str) -> str:
+        return os.path.relpath(path, self.path)
+
+    def _make_parts_dir(self) -> None:
+        os.makedirs(self._parts_dir(), exist_ok=True)
+
+    def _remove_leftovers(self) -> None:
+        for path in self._leftovers():
+            os.remove(path)  # a part, job file or manifest that was being written when a run stopped
 
     # -- what is on disk -------------------------------------------------------------------------
 
@@ -214,21 +247,21 @@ class OutputDir:
 
     def _open(self, fingerprint: dict) -> Resume:
         job_file, manifest_file = self._file(JOB), self._file(MANIFEST)
-        parts_dir = self._parts_dir()
-        has_job = os.path.lexists(job_file)
+        self._parts_dir()  # refuses a parts/ that is not a real folder before anything is read
+        has_job = self._exists(job_file)
         if not has_job and self._looks_like_output():
             raise OutputError(
-                f"output.path '{self.path}' holds a {MANIFEST} or {PARTS}/part-*.parquet files but no {JOB}, "
+                f"output.path '{self.shown}' holds a {MANIFEST} or {PARTS}/part-*.parquet files but no {JOB}, "
                 "so it is not this project's job output (or not all of it); choose another output.path "
                 "or remove those files"
             )
         if self.overwrite and has_job:
             self._remove_previous_output()
             has_job = False
-        has_manifest = os.path.lexists(manifest_file)
+        has_manifest = self._exists(manifest_file)
         self.parts = []
         if has_job:
-            previous = _read_json_object(job_file, "fingerprint")["fingerprint"]
+            previous = _read_json_object(job_file, "fingerprint", self._read_text)["fingerprint"]
             if not isinstance(previous, dict):
                 raise OutputError(
                     f"'{job_file}' is damaged (its \"fingerprint\" is not an object); "
@@ -237,25 +270,24 @@ class OutputDir:
             changes = describe_changes(previous, fingerprint)
             if changes:
                 raise OutputError(
-                    f"output.path '{self.path}' holds a job with other settings or inputs, so it cannot be resumed:\n"
+                    f"output.path '{self.shown}' holds a job with other settings or inputs, so it cannot be resumed:\n"
                     + "\n".join(f"  - {c}" for c in changes)
                     + "\nrerun with the same settings to resume it, choose another output.path, "
                     "or set output.overwrite=true to start afresh"
                 )
             if has_manifest:
-                manifest = _read_json_object(manifest_file, "parts")
+                manifest = _read_json_object(manifest_file, "parts", self._read_text)
                 self._check_listed_parts(manifest)
                 return Resume(complete=True, manifest=manifest)
-        os.makedirs(parts_dir, exist_ok=True)
-        for path in self._leftovers():
-            os.remove(path)  # a part, job file or manifest that was being written when a run stopped
+        self._make_parts_dir()
+        self._remove_leftovers()
         if not has_job:
-            write_json_atomic(job_file, {"fingerprint": fingerprint, "created_at": iso_time(time.time())})
+            self._write_json(job_file, {"fingerprint": fingerprint, "created_at": iso_time(time.time())})
         resume = Resume()
         for path in self.part_files():
             try:
-                meta = pq.read_table(path, columns=["source_file", "source_row"])
-                entry = part_entry(os.path.relpath(path, self.path), meta)
+                meta = self._read_part(path, ["source_file", "source_row"])
+                entry = part_entry(self._relative(path), meta)
                 sources, rows = meta.column("source_file").to_pylist(), meta.column("source_row").to_pylist()
             except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
                 raise OutputError(
@@ -292,20 +324,23 @@ class OutputDir:
                 f"'{self._file(MANIFEST)}' is damaged (its \"parts\" is not a list of parts); "
                 "set output.overwrite=true to regenerate the output, or choose another output.path"
             )
-        missing = [p["file"] for p in listed if not _is_regular(self._file(p["file"]))]
+        missing = [p["file"] for p in listed if not self._is_part(self._file(p["file"]))]
         if missing:
             shown = ", ".join(missing[:_MAX_PROBLEMS]) + (", ..." if len(missing) > _MAX_PROBLEMS else "")
             raise OutputError(
-                f"output.path '{self.path}': {MANIFEST} lists {len(missing)} part(s) that are missing ({shown}); "
+                f"output.path '{self.shown}': {MANIFEST} lists {len(missing)} part(s) that are missing ({shown}); "
                 "the output is damaged: set output.overwrite=true to regenerate it"
             )
+
+    def _is_part(self, path: str) -> bool:
+        return _is_regular(path)
 
     # -- writing ---------------------------------------------------------------------------------
 
     def committed_stats_tables(self):
         """The committed parts' usage columns, one table per part (for the job's totals)."""
         for path in self.part_files():
-            yield pq.read_table(path, columns=STATS_COLUMNS)
+            yield self._read_part(path, STATS_COLUMNS)
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows == 0:
@@ -338,6 +373,10 @@ class OutputDir:
         self._next = index + 1
         return f"{PARTS}/{part_name(index)}"
 
+    def rewrite_manifest(self, manifest: dict) -> None:
+        """Replace the finished job's `manifest.json` whole (`retry=errors` records its attempt)."""
+        self._write_json(self._file(MANIFEST), manifest)
+
     def finish(self, manifest: dict, expected_rows: dict[str, int] | None = None, per_row: int = 1,
                selected: dict[str, list[int]] | None = None) -> dict:
         """Commit what is pending and write `manifest.json`, then release the folder.
@@ -355,17 +394,29 @@ class OutputDir:
                     if len(problems) > len(shown):
                         shown.append(f"... and {len(problems) - len(shown)} more")
                     raise OutputError(
-                        f"output.path '{self.path}': the committed parts do not hold every planned row exactly "
+                        f"output.path '{self.shown}': the committed parts do not hold every planned row exactly "
                         f"once, so {MANIFEST} was not written:\n"
                         + "\n".join(f"  - {p}" for p in shown)
                         + "\nrerun the job to generate missing rows; rows committed more than once need "
                         "output.overwrite=true to regenerate the output"
                     )
             manifest = {**manifest, "parts": parts}
-            write_json_atomic(self._file(MANIFEST), manifest)
+            self._write_json(self._file(MANIFEST), manifest)
             return manifest
         finally:
             self.close()
+
+
+def output_dir(path: str, *, overwrite: bool = False, rows_per_part: int = 1024) -> OutputDir:
+    """The output folder at `path`: a local folder, or a folder on an object store or any other
+    filesystem (`pipeline.generate.store_output`), with the same guarantees."""
+    from pipeline.storage import is_remote
+
+    if is_remote(path):
+        from pipeline.generate.store_output import StoreOutputDir
+
+        return StoreOutputDir(path, overwrite=overwrite, rows_per_part=rows_per_part)
+    return OutputDir(path, overwrite=overwrite, rows_per_part=rows_per_part)
 
 
 def describe_changes(previous: dict, current: dict, prefix: str = "") -> list[str]:
@@ -392,12 +443,11 @@ def _is_regular(path: str) -> bool:
         return False
 
 
-def _read_json_object(path: str, required: str) -> dict:
+def _read_json_object(path: str, required: str, read) -> dict:
     """A JSON object this module wrote, with its `required` key; a damaged one is an OutputError."""
     problem = None
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(read(path))
     except (OSError, ValueError) as e:
         problem = f"cannot be read ({e})"
     else:

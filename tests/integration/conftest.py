@@ -18,11 +18,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_server):
+    """Ray for the session. Its workers inherit the environment at `ray.init`, so the S3 server
+    (its AWS_* variables) starts first: a worker can then read and write the tests' buckets."""
     import ray
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a new instance, never a cluster someone started on this machine
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,
