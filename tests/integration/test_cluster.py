@@ -1,5 +1,5 @@
-"""The generation job on a Ray cluster of two nodes whose model, inputs and adapters live only in
-S3 (a real S3 protocol server): started by the driver against the cluster's address, and
+"""The generation job on a Ray cluster of two nodes whose model, inputs, adapters and output live
+only in S3 (a real S3 protocol server): started by the driver against the cluster's address, and
 submitted through Ray's Jobs API exactly as docs/cluster.md says.
 
 The two nodes run on this machine (`ray.cluster_utils.Cluster`: a head and a worker node, each
@@ -24,6 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.build_train_sample import SAMPLE_ANSWER
+from pipeline.generate.answers import load_outputs
+from pipeline.storage import resolve
 from pipeline.train.job import run as train
 from tests.conftest import _free_port, compose
 
@@ -84,8 +86,8 @@ def _wait_for_jobs_api(url: str, timeout_s: float) -> None:
 
 @pytest.fixture(scope="module")
 def on_s3(s3_server, tiny_model_dir, tmp_path_factory):
-    """A bucket holding the model, an adapter trained into it, and the requests: nothing of them
-    on any node's disk."""
+    """A bucket holding the model, an adapter trained into it, and the requests, and getting the
+    outputs: nothing of them on any node's disk."""
     bucket = f"cluster-{uuid.uuid4().hex[:8]}"
     s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket=bucket)
@@ -115,9 +117,10 @@ def job_args(on_s3: dict, output: str) -> list[str]:
 WAIT_FOR_ENGINES = {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"}
 
 
-def check_output(output: Path, on_s3: dict, cluster: dict) -> dict:
-    manifest = json.loads((output / "manifest.json").read_text())
-    got = {r["id"]: r for r in pq.read_table(output / "parts").to_pylist()}
+def check_output(output: str, on_s3: dict, cluster: dict) -> dict:
+    """The job's output, read back from S3 as a user would."""
+    manifest = json.loads(resolve(f"{output}/manifest.json").read_text())
+    got = {r["id"]: r for r in load_outputs(output)}
     assert sorted(got) == [r["id"] for r in on_s3["rows"]]
     for row in on_s3["rows"]:
         answer = got[row["id"]]
@@ -136,9 +139,9 @@ def node_cache_entries(cluster: dict) -> dict:
 def test_a_driver_runs_the_job_on_both_nodes(cluster, on_s3, tmp_path):
     """`python -m jobs.generate ... ray.address=<cluster>`: the driver plans, every node's tasks
     and engine fetch the model and the adapter from S3 into their own caches."""
-    output = tmp_path / "out"
+    output = f"s3://{on_s3['bucket']}/outputs/driver"
     env = {**os.environ, **WAIT_FOR_ENGINES, "PIPELINE_CACHE": str(tmp_path / "driver-cache")}
-    proc = subprocess.run([sys.executable, "-m", "jobs.generate", *job_args(on_s3, str(output)),
+    proc = subprocess.run([sys.executable, "-m", "jobs.generate", *job_args(on_s3, output),
                            f"ray.address={cluster['address']}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -155,9 +158,9 @@ def test_a_driver_runs_the_job_on_both_nodes(cluster, on_s3, tmp_path):
 def test_ray_job_submit_runs_the_documented_command(cluster, on_s3, tmp_path):
     """The Jobs API: `ray job submit --address http://127.0.0.1:<dashboard port> --working-dir . --
     python -m jobs.generate ... ray.address=auto` (docs/cluster.md), from the checkout."""
-    output = tmp_path / "submitted"
+    output = f"s3://{on_s3['bucket']}/outputs/submitted"
     before = node_cache_entries(cluster) if all((c / "adapters").is_dir() for c in cluster["nodes"].values()) else None
-    entrypoint = [sys.executable, "-m", "jobs.generate", *job_args(on_s3, str(output)), "ray.address=auto"]
+    entrypoint = [sys.executable, "-m", "jobs.generate", *job_args(on_s3, output), "ray.address=auto"]
     ray_cli = str(Path(sys.executable).parent / "ray")
     proc = subprocess.run([ray_cli, "job", "submit", "--address", cluster["jobs_api"], "--working-dir", ".",
                            "--runtime-env-json", json.dumps({"env_vars": WAIT_FOR_ENGINES}), "--", *entrypoint],
