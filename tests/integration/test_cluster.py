@@ -56,10 +56,18 @@ def cluster(s3_server, tmp_path_factory):
                              "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}}
 
     dashboard = _free_port()
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        **node("node-a"), "gcs_server_port": _free_port(), "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard})
+    cluster = Cluster(initialize_head=False, connect=False)
     try:
+        # Ray gives a node 30 s to register: on a machine busy with other work, one more try.
+        for attempt in range(2):
+            try:
+                cluster.add_node(**node("node-a"), gcs_server_port=_free_port(), include_dashboard=True,
+                                 dashboard_host="127.0.0.1", dashboard_port=dashboard)
+                break
+            except Exception:
+                cluster.shutdown()
+                if attempt:
+                    raise
         worker = cluster.add_node(**node("node-b"))
         cluster.wait_for_nodes(timeout=120)
         _wait_for_jobs_api(f"http://127.0.0.1:{dashboard}", timeout_s=120)
