@@ -55,11 +55,12 @@ def model_source(model: ModelSettings, model_path: str) -> dict:
 def node_model_path(source: dict) -> str:
     """The model's local path on this node (see the module's docstring). Raises `JobFailure`
     when this node cannot have the driver's model."""
-    return _node_model_path(json.dumps(source, sort_keys=True))
+    return _node_model_path(json.dumps(source, sort_keys=True), str(cache_root()))
 
 
 @functools.lru_cache(maxsize=4)
-def _node_model_path(source_json: str) -> str:
+def _node_model_path(source_json: str, cache: str) -> str:
+    # Once per process and cache: the checks hash the model's small files each time.
     source = json.loads(source_json)
     setting, driver_path, files = source["setting"], source["driver_path"], source["files"]
     if is_remote(setting):
