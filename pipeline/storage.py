@@ -240,7 +240,10 @@ def expand(spec: str, setting: str = "input", suffix: str = ".parquet") -> list[
         except OSError as exc:
             raise StorageError(f"{setting}: cannot list '{shown(spec)}': {_first_line(exc)} "
                                f"({access_hint(base.uri)})") from None
-        matched = [f for f in below if _visible(f.relative_to(base)) and _glob_match(f.relative_to(base), pattern)]
+        # Hidden names are matched only by a pattern that names them (`.*`), as in a shell.
+        names_hidden = pattern.startswith(".") or "/." in pattern
+        matched = [f for f in below
+                   if (names_hidden or _visible(f.relative_to(base))) and _glob_match(f.relative_to(base), pattern)]
         if not matched:
             raise StorageError(f"{setting}: the pattern '{shown(spec)}' matches no file")
         return matched

@@ -12,7 +12,6 @@ Pure module: pyarrow and the job's own reading and preparing code; no Ray, no vL
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -103,9 +102,10 @@ def preview(settings: GenerationSettings, plan: ShardPlan, selected: dict[str, l
 
 
 def _last_throughput(output_path: str) -> float | None:
+    from pipeline import storage
+
     try:
-        with open(os.path.join(output_path, MANIFEST), encoding="utf-8") as f:
-            value = json.load(f)["throughput"]["output_tokens_per_s"]
+        value = json.loads(storage.resolve(output_path).join(MANIFEST).read_text())["throughput"]["output_tokens_per_s"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return float(value) if isinstance(value, (int, float)) and value > 0 else None

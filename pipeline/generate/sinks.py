@@ -33,6 +33,10 @@ Before `manifest.json` is written, `finish()` checks from the parts' row ranges 
 planned input row was committed exactly once; a gap or a duplicate stops the job without a
 manifest (`pipeline.generate.coverage`).
 
+On an object store (`output.path=s3://...`), `output_dir` gives `store_output.StoreOutputDir`:
+the same folder and guarantees, with a part staged and then copied into `parts/` in place of the
+rename, and a lease object in place of `flock` (`folder_lock.ObjectStoreLock`).
+
 The parts have a folder of their own so that any Parquet reader can be pointed at it
 (`pyarrow.parquet.read_table("<output>/parts")`) without tripping over the JSON files.
 
@@ -82,14 +86,6 @@ def write_json_atomic(path: str, data: dict) -> None:
         json.dump(data, f, indent=2, default=str)
         f.write("\n")
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_parquet_atomic(path: str, table: pa.Table) -> None:
-    tmp = tmp_name(path)
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 

@@ -52,9 +52,10 @@ def reference(inputs, ray_session, tiny_model_dir, tmp_path_factory):
     from tests.conftest import compose
 
     out = tmp_path_factory.mktemp("s3-reference") / "out"
-    run(compose("generate", ["model=tiny", f"model.path={tiny_model_dir}", f"input={inputs}", f"output.path={out}",
-                             "engine.kv_cache_gib=0.25", "ray.shutdown=false", "progress=false"]))
-    return content(pq.read_table(out / "parts").to_pylist())
+    manifest = run(compose("generate", ["model=tiny", f"model.path={tiny_model_dir}", f"input={inputs}",
+                                        f"output.path={out}", "engine.kv_cache_gib=0.25", "ray.shutdown=false",
+                                        "progress=false"]))
+    return {"rows": content(pq.read_table(out / "parts").to_pylist()), "fingerprints": manifest["inputs"]["fingerprints"]}
 
 
 def upload(inputs, bucket: str) -> str:
@@ -108,7 +109,8 @@ def test_a_killed_run_on_s3_resumes_to_the_local_rows_exactly_once(generate_job,
     assert manifest["counts"]["rows_generated"] == ROWS - manifest["counts"]["rows_resumed"]
     table = pq.read_table(f"s3://{s3_bucket}/out/parts")
     assert table.num_rows == len(set(table.column("id").to_pylist())) == ROWS
-    assert content(table.to_pylist()) == reference
+    assert content(table.to_pylist()) == reference["rows"]
+    assert manifest["inputs"]["fingerprints"] == reference["fingerprints"]  # the same files, the same identity
     frame = pd.read_parquet(f"s3://{s3_bucket}/out/parts")  # the docs' pandas snippet
     assert len(frame) == ROWS and frame["id"].is_unique
     # what the store holds: the job's files, the manifest listing every part; no lease, no staging

@@ -72,3 +72,33 @@ def test_local_writes_are_whole(tmp_path):
     loc = storage.resolve(str(tmp_path / "sub" / "m.json"))
     loc.write_text("{}")
     assert loc.read_text() == "{}" and sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["m.json"]
+
+
+def test_uri_problems_are_found_without_opening_the_store():
+    assert storage.uri_problem("s3://bucket/in", "input") is None
+    assert storage.uri_problem("/local/path", "input") is None
+    assert storage.uri_problem("memory://x/y", "output.path") is None
+    for secret_uri in ("s3://AKIAX:hunter2@bucket/in", "s3://bucket/in?secret_key=hunter2",
+                       "gs://bucket/in?token=hunter2"):
+        problem = storage.uri_problem(secret_uri, "input")
+        assert problem.startswith("input: ") and "holds credentials" in problem and "hunter2" not in problem
+    assert "no filesystem is known for nosuchfs://" in storage.uri_problem("nosuchfs://b/x", "input")
+
+
+def test_common_root_and_relative_names_are_store_independent():
+    local = ["/data/in/a.parquet", "/data/in/sub/b.parquet"]
+    remote = ["s3://bucket/in/a.parquet", "s3://bucket/in/sub/b.parquet"]
+    assert storage.common_root(local) == "/data/in" and storage.common_root(remote) == "s3://bucket/in"
+    assert [storage.relative_name(u, storage.common_root(local)) for u in local] == [
+        storage.relative_name(u, storage.common_root(remote)) for u in remote] == ["a.parquet", "sub/b.parquet"]
+    assert storage.common_root(["/a.parquet", "/x/b.parquet"]) == "/"
+
+
+def test_a_scheme_whose_fsspec_package_is_missing_names_the_package():
+    pytest.importorskip("fsspec")
+    try:
+        import adlfs  # noqa: F401
+    except ImportError:
+        assert "pip install adlfs" in storage.uri_problem("az://container/in", "input")
+    else:
+        pytest.skip("adlfs is installed here")
