@@ -340,6 +340,9 @@ class AdapterRegistry:
         file every ``heartbeat_s`` seconds: on a shared filesystem that heartbeat is how
         other nodes tell a run in progress from a leftover. The thread is stopped and
         joined before the folder is published or deleted, so it never touches either.
+
+        On a registry on another filesystem the folder is a local one in this node's cache,
+        published by `lora_remote.publish` (hidden upload, server-side copies, manifest last).
         """
         validate_name(name)
         # Refuse before any work is done, so a long training run is not wasted.
