@@ -59,6 +59,7 @@ def test_publish_then_resolve_copies_to_the_node_cache(root, cache):
     assert adapter.manifest["content_hash"] == adapter.content_hash == content_hash(adapter.path)
     assert (adapter.rank, adapter.steps) == (8, 3)
     assert registry.names() == ["bonjour"] and "bonjour" in registry and "other" not in registry
+    assert [a.name for a in registry.list()] == ["bonjour"]  # what `llama-batch-adapters --root <uri>` shows
 
 
 def test_a_missing_adapter_lists_those_present(root, cache):
