@@ -137,7 +137,7 @@ def adapters(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="llama-batch-adapters", description="List the LoRA adapters in a registry."
     )
-    parser.add_argument("--root", default="lora", help="registry folder (default: lora)")
+    parser.add_argument("--root", default="lora", help="registry folder or URI, e.g. s3://bucket/lora (default: lora)")
     parser.add_argument("--json", action="store_true", help="print the manifests as JSON")
     args = parser.parse_args(argv)
     found = AdapterRegistry(args.root).list()

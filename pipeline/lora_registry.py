@@ -9,7 +9,16 @@ pick up. The registry may sit on a filesystem shared by several nodes; staging
 folders carry an owner file with a heartbeat so that one node's cleanup never
 deletes another node's run in progress.
 
-Pure: standard library only, so the generation driver can resolve names without
+The root may also be a URI on any filesystem `pipeline.storage` opens (`s3://bucket/lora`).
+An object store has no rename, so publishing there goes (`lora_remote`): the adapter is
+written in a local folder, uploaded under a hidden `.tmp-<name>-<uuid>/` prefix, then copied
+server-side to `<name>/` with `manifest.json` (which then records the files' `content_hash`)
+copied last; replacing an adapter deletes the old manifest first. Readers go by the manifest,
+so they see the old adapter, none, or the whole new one. Resolving an adapter there copies it
+into the node's cache (`pipeline.node_cache`), keyed by its content hash, and the `Adapter`
+points at that local copy (`uri` says where it came from).
+
+Pure: standard library and pyarrow only, so the generation driver can resolve names without
 importing torch, PEFT or vLLM.
 """
 
@@ -29,6 +38,7 @@ from typing import Any, Iterator
 
 from pipeline import lora_staging
 from pipeline.errors import UserError
+from pipeline.storage import resolve as resolve_location
 from pipeline.lora_staging import OWNER_FILE, Heartbeat, is_stale, owner_record
 
 MANIFEST = "manifest.json"
@@ -123,6 +133,9 @@ class Adapter:
     target_modules: tuple[str, ...] | str | None
     lora_int_id: int
     manifest: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    uri: str | None = field(default=None, compare=False)
+    """Where the adapter lives when its registry is on another filesystem (`path` is then this
+    node's cached copy); None for a local registry."""
 
     @property
     def base_identities(self) -> set[str]:
@@ -206,9 +219,27 @@ class AdapterRegistry:
         heartbeat_s: float | None = None,
         stale_after_s: float | None = None,
     ):
-        self.root = Path(root)
+        self.location = resolve_location(str(root), "lora_root")
+        self.remote = not self.location.is_local
+        self.root = Path(root) if not self.remote else None
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = stale_after_s
+
+    @property
+    def shown(self) -> str:
+        """The root as messages print it (a URI without credentials)."""
+        return self.location.shown if self.remote else str(self.root)
+
+    @property
+    def work_root(self) -> Path:
+        """A local folder for what a training run keeps beside the registry (`.runs/`: checkpoints,
+        event files): the registry's own folder, or for a registry on another filesystem a folder
+        of this node's cache named after its URI."""
+        if not self.remote:
+            return self.root
+        from pipeline.node_cache import cache_root
+
+        return cache_root() / "registries" / hashlib.sha256(self.location.uri.encode("utf-8")).hexdigest()[:16]
 
     def _heartbeat_interval(self) -> float:
         return lora_staging.HEARTBEAT_S if self.heartbeat_s is None else self.heartbeat_s
@@ -219,7 +250,12 @@ class AdapterRegistry:
     # ---- reading -----------------------------------------------------------------
 
     def list(self) -> list[Adapter]:
-        """Complete adapters (those with a manifest), sorted by name."""
+        """Complete adapters (those with a manifest), sorted by name. On a remote registry each
+        is copied into this node's cache (see `resolve`)."""
+        if self.remote:
+            from pipeline import lora_remote
+
+            return [self.resolve(n) for n in lora_remote.names(self.location)]
         if not self.root.is_dir():
             return []
         out = []
@@ -231,16 +267,27 @@ class AdapterRegistry:
         return out
 
     def names(self) -> list[str]:
+        if self.remote:
+            from pipeline import lora_remote
+
+            return lora_remote.names(self.location)
         return [a.name for a in self.list()]
 
     def resolve(self, name: str) -> Adapter:
+        """The complete adapter `name`; on a remote registry, copied into this node's cache first
+        (once per content: `lora_remote.local_copy`)."""
         validate_name(name)
-        if not (self.root / name / MANIFEST).is_file():
+        if name not in self:
             present = self.names()
             listing = ", ".join(present) if present else "none"
             raise AdapterNotFound(
-                f"unknown LoRA adapter {name!r} in {self.root}/ (adapters present: {listing})"
+                f"unknown LoRA adapter {name!r} in {self.shown}/ (adapters present: {listing})"
             )
+        if self.remote:
+            from pipeline import lora_remote
+
+            path, uri = lora_remote.fetch(self.location, name)
+            return self._load(name, path, uri)
         return self._load(name)
 
     def __contains__(self, name: str) -> bool:
@@ -248,12 +295,14 @@ class AdapterRegistry:
             validate_name(name)
         except InvalidAdapterName:
             return False
+        if self.remote:
+            return self.location.join(name, MANIFEST).is_file()
         return (self.root / name / MANIFEST).is_file()
 
-    def _load(self, name: str) -> Adapter:
+    def _load(self, name: str, path: Path | None = None, uri: str | None = None) -> Adapter:
         # Absolute, because the path is handed to engine processes whose working
         # directory need not be ours.
-        path = (self.root / name).absolute()
+        path = (path or self.root / name).absolute()
         manifest = _read_json(path / MANIFEST)
         config = _read_json(path / ADAPTER_CONFIG) if (path / ADAPTER_CONFIG).is_file() else {}
         base = manifest.get("base_model")
@@ -272,6 +321,7 @@ class AdapterRegistry:
             target_modules=targets,
             lora_int_id=lora_int_id(name),
             manifest=manifest,
+            uri=uri,
         )
 
     # ---- writing -----------------------------------------------------------------
@@ -290,10 +340,16 @@ class AdapterRegistry:
         file every ``heartbeat_s`` seconds: on a shared filesystem that heartbeat is how
         other nodes tell a run in progress from a leftover. The thread is stopped and
         joined before the folder is published or deleted, so it never touches either.
+
+        On a registry on another filesystem the folder is a local one in this node's cache,
+        published by `lora_remote.publish` (hidden upload, server-side copies, manifest last).
         """
         validate_name(name)
         # Refuse before any work is done, so a long training run is not wasted.
         self.check_can_write(name, overwrite)
+        if self.remote:
+            yield from self._remote_staging(name, overwrite)
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         self.clean_stale()
         tmp = self.root / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex}"
@@ -317,25 +373,48 @@ class AdapterRegistry:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def _remote_staging(self, name: str, overwrite: bool) -> Iterator[Path]:
+        """`staging` for a registry on another filesystem: a local folder of this node's cache,
+        published by `lora_remote.publish` (upload under a hidden prefix, copy, manifest last)."""
+        import tempfile
+
+        from pipeline import lora_remote
+
+        self.clean_stale()
+        parent = self.work_root / "staging"
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=parent))
+        try:
+            yield tmp
+            if not (tmp / MANIFEST).is_file():
+                raise IncompleteAdapter(
+                    f"staging for adapter {name!r} finished without writing {MANIFEST}; "
+                    "nothing was published"
+                )
+            self.check_can_write(name, overwrite)
+            lora_remote.publish(self.location, tmp, name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def check_can_write(self, name: str, overwrite: bool = False) -> None:
         """Raise unless `staging(name, overwrite)` could publish: the name is valid, free (or
         overwrite is set), and its lora_int_id is not another adapter's."""
         validate_name(name)
-        target = self.root / name
+        target = self.location.join(name) if self.remote else self.root / name
         if target.exists() and not overwrite:
             raise AdapterExists(
-                f"adapter {name!r} already exists at {target}; pick another name or "
+                f"adapter {name!r} already exists at {target.shown if self.remote else target}; pick another name or "
                 "overwrite it (train_lora: add `adapter.overwrite=true`; "
                 "AdapterRegistry.staging(name, overwrite=True))"
             )
         # Ids come from a 31-bit hash, so two names can collide, rarely. Refusing the
         # second name here keeps ids unique within a registry, which is what vLLM needs.
         new_id = lora_int_id(name)
-        for other in self.list():
-            if other.name != name and other.lora_int_id == new_id:
+        for other in self.names():
+            if other != name and lora_int_id(other) == new_id:
                 raise AdapterIdCollision(
                     f"adapter name {name!r} hashes to the same lora_int_id ({new_id}) as "
-                    f"existing adapter {other.name!r}; choose another name"
+                    f"existing adapter {other!r}; choose another name"
                 )
 
     def _publish(self, tmp: Path, name: str, overwrite: bool) -> None:
@@ -371,6 +450,10 @@ class AdapterRegistry:
           publishing with overwrite moves aside fall under this rule: publishing
           deletes them at once, so one only remains after a crash.
         """
+        if self.remote:
+            from pipeline import lora_remote
+
+            return lora_remote.clean_stale(self.location, self._stale_age())
         removed = []
         if not self.root.is_dir():
             return removed

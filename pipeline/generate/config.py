@@ -55,7 +55,14 @@ def check_inputs_outside_output(files, output: str) -> None:
 
 
 def ensure_model(model: ModelSettings) -> str:
-    """The model's path, building the project's tiny model there first if the config says so."""
+    """The model's local path: the project's tiny model built there first if the config says so,
+    a model on an object store copied to this node's cache (`node_model.fetch_model`)."""
+    from pipeline.storage import is_remote
+
+    if is_remote(model.path):
+        from pipeline.generate.node_model import fetch_model
+
+        return str(fetch_model(model.path))
     if model.build == "tiny":
         from pipeline.models.tiny_model import ensure_tiny_model
 
@@ -147,8 +154,11 @@ def adapter_entry(registry, name: str, base: ModelSettings, date: str | None, li
             "(engine.lora.max_rank_limit)",
             "reason": "rank_above_limit",
         }
-    return {"path": str(adapter.path), "lora_int_id": adapter.lora_int_id, "rank": adapter.rank,
-            "fingerprint": fingerprint}
+    entry = {"path": str(adapter.path), "lora_int_id": adapter.lora_int_id, "rank": adapter.rank,
+             "fingerprint": fingerprint}
+    if adapter.uri:  # on an object store: each engine's node copies it (lora_remote.on_this_node)
+        entry["uri"] = adapter.uri
+    return entry
 
 
 def trained_date(manifest: dict) -> str | None:

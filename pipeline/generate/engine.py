@@ -23,14 +23,17 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 
 from pipeline.errors import JobFailure
+from pipeline.lora_remote import on_this_node
+from pipeline.generate.node_model import node_model_path
 from pipeline.generate.engine_loop import EngineLoop, engine_dead
 from pipeline.generate.prepare import OUTPUT_SCHEMA, output_table, safe_text
 from pipeline.generate.retry import reseed_for_retry
+from pipeline.generate.stats import tag_node
 from pipeline.generate.samples import (
     continuation_logprob,
     expand_samples,
@@ -110,7 +113,10 @@ class GenerationWorker:
     """Ray Data callable class: one vLLM engine, many batches."""
 
     def __init__(self, engine: dict, model_path: str, adapters: dict[str, dict], passthrough: list[str],
-                 revision: str | None = None, samples: int = 1, retry: dict | None = None):
+                 revision: str | None = None, samples: int = 1, retry: dict | None = None,
+                 model_source: dict | None = None, node_id: Callable[[], str] | None = None):
+        if model_source is not None:  # the driver's model, found or made on this node
+            model_path = node_model_path(model_source)
         # vLLM's engine core in its own process or in this one, as the job resolved it
         # (pipeline.generate.settings.engine_multiprocessing); vLLM reads this when it starts one.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if engine.get("multiprocessing") else "0"
@@ -139,7 +145,9 @@ class GenerationWorker:
                 f"the vLLM engine could not start for model '{model_path}': {type(exc).__name__}: {exc}. "
                 "Check model.path, engine.max_model_len and the KV cache size (engine.kv_cache_gib)."
             ) from exc
-        self.adapters = adapters  # name -> {"path", "lora_int_id"}
+        # name -> {"path", "lora_int_id"}; an adapter of a registry on an object store is copied
+        # to this node first (once per node and content).
+        self.adapters = on_this_node(adapters)
         self.passthrough = list(passthrough)
         self.samples = samples  # answers per row
         self.retry = retry  # retry=errors: {"attempt", "max_tokens", "truncated"} (pipeline.generate.retry)
@@ -147,6 +155,7 @@ class GenerationWorker:
         # base-model row that shares a step with adapter rows gets the last slot's adapter. On CPU
         # the loop never runs base rows and adapter rows at the same time.
         self.loop = EngineLoop(self.llm, separate_base_and_lora=on_cpu)
+        self.node = node_id() if node_id is not None else None  # tags each answered batch
         log.info("engine ready in %.1fs", time.perf_counter() - started)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -190,7 +199,8 @@ class GenerationWorker:
                     cols["error"][i] = safe_text(f"answer parsing failed: {type(exc).__name__}: {exc}")
             self._fill_label_probs(cols, scoring, outputs[len(todo):])
         passthrough = {name: batch.column(name) for name in self.passthrough}
-        return output_table(cols, passthrough)
+        table = output_table(cols, passthrough)
+        return tag_node(table, self.node) if self.node else table
 
     def _label_requests(self, batch: pa.Table) -> list[_LabelScore]:
         """A scoring request for each label of each row whose labels are to be scored: the row's

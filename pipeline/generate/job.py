@@ -31,6 +31,7 @@ from pipeline.console import JobConsole
 from pipeline.generate import config as job_config
 from pipeline.generate import dataset_inputs
 from pipeline.generate.config import AdapterSet
+from pipeline.generate.node_model import model_source, prepare_block_on_node
 from pipeline.generate.settings import GenerationSettings, RaySettings, Resources, resolve_resources
 from pipeline.errors import JobFailure, find_failure
 from pipeline.manifests import iso_time, package_versions
@@ -38,8 +39,8 @@ from pipeline.generate.planning import Shard, ShardPlan, limit_rows, plan_shards
 from pipeline.row_templates import RowTemplate
 from pipeline.generate.retry import RetryError, replace_rows, rows_to_redo
 from pipeline.generate.sinks import JOB, OutputDir, Resume, output_dir
-from pipeline.generate.stats import RunStats
-from pipeline.generate.tasks import prepare_block, preparer_args, read_shard, rows_to_skip
+from pipeline.generate.stats import RunStats, untag_node
+from pipeline.generate.tasks import preparer_args, read_shard, rows_to_skip
 from pipeline import storage
 
 log = logging.getLogger("pipeline.generate.job")
@@ -138,10 +139,11 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
                                    model.get("commit"), selected)
                 try:
                     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                        batch, node = untag_node(batch)
                         out.add(batch)
                         if on_batch is not None:
                             on_batch(batch)
-                        stats.add(batch)
+                        stats.add(batch, node=node)
                         progress.update(stats)
                 except Exception as exc:
                     _stop(out, exc)
@@ -161,6 +163,7 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
                 "tokens": stats.tokens(),
                 "wall_time_s": round(finished - started, 3),
                 "throughput": stats.throughput(finished - started),
+                "nodes": stats.nodes,  # rows this run's engines answered, per Ray node id
                 # (seconds, rows, completion tokens) of this run after each committed batch
                 "timeline": {"clock": "seconds since this run started generating", "points": stats.timeline},
             },
@@ -201,7 +204,7 @@ def _redo_failed_rows(settings: GenerationSettings, console: JobConsole, out: Ou
             "max_model_len": settings.engine.max_model_len}
     ds = build_dataset(settings, resources, plan, shards, Resume(), model_path, adapters, model.get("commit"),
                        redo.sources, retry=spec)
-    tables = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    tables = [untag_node(t)[0] for t in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
     replaced = replace_rows(redo, pa.concat_tables(tables, promote_options="permissive"))
     stats = RunStats(total_rows=manifest["counts"]["rows_in"])
     for table in out.committed_stats_tables():
@@ -302,7 +305,10 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
     engine = job_config.engine_config(settings, resources, adapters)
     datasource = ShardDatasource(plan, shards, resume, selected, settings.template)
     ds = ray.data.read_datasource(datasource, override_num_blocks=len(shards))
-    prepare = functools.partial(prepare_block, **preparer_args(settings, model_path, adapters, revision))
+    # Tasks and engines find the model on their own node (pipeline.generate.node_model).
+    source = model_source(settings.model, model_path)
+    prepare = functools.partial(prepare_block_on_node, model_source=source,
+                                **preparer_args(settings, model_path, adapters, revision))
     ds = ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, num_cpus=settings.prepare.num_cpus)
     # Ray Data merges a task's outputs into one block, so without this a whole read shard would
     # reach the driver at once: results arrive (and are committed) one engine batch at a time.
@@ -312,6 +318,8 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
         fn_constructor_kwargs={
             "engine": engine,
             "model_path": model_path,
+            "model_source": source,
+            "node_id": _node_id,
             "adapters": adapters.adapters,
             "passthrough": list(plan.passthrough),
             "revision": revision,
@@ -373,6 +381,11 @@ class ShardDatasource(Datasource):
             )
             for shard in self.shards
         ]
+
+
+def _node_id() -> str:
+    """The Ray node the calling process runs on (engines tag their batches with it)."""
+    return ray.get_runtime_context().get_node_id()
 
 
 def _init_ray(ray_settings: RaySettings) -> None:

@@ -18,6 +18,24 @@ TIMELINE_POINTS = 1000
 STEADY_AFTER_S = 10.0
 
 
+# Schema metadata an engine puts on each batch it answers: the Ray node it runs on. The driver
+# counts rows per node (`RunStats.nodes`, the manifest's `nodes`) and takes the tag off.
+NODE_METADATA = b"pipeline.node"
+
+
+def tag_node(table: pa.Table, node: str) -> pa.Table:
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), NODE_METADATA: node.encode()})
+
+
+def untag_node(table: pa.Table) -> tuple[pa.Table, str | None]:
+    """(the table without the engine's node tag, the node)."""
+    metadata = dict(table.schema.metadata or {})
+    node = metadata.pop(NODE_METADATA, None)
+    if node is None:
+        return table, None
+    return table.replace_schema_metadata(metadata or None), node.decode()
+
+
 @dataclass
 class RunStats:
     total_rows: int
@@ -36,8 +54,12 @@ class RunStats:
     # (seconds since `started`, rows, completion tokens) of this run after each committed batch:
     # the report's throughput over time, and the progress bar's rate after the first batch.
     timeline: list = field(default_factory=list)
+    # Rows this run's engines answered, per Ray node id.
+    nodes: dict = field(default_factory=dict)
 
-    def add(self, batch: pa.Table, resumed: bool = False) -> None:
+    def add(self, batch: pa.Table, resumed: bool = False, node: str | None = None) -> None:
+        if node is not None:
+            self.nodes[node] = self.nodes.get(node, 0) + batch.num_rows
         completion = int(pc.sum(batch.column("completion_tokens")).as_py() or 0)
         if resumed:
             self.resumed_rows += batch.num_rows

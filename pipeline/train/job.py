@@ -82,11 +82,11 @@ def run(cfg) -> dict:
 
     fingerprint = data_fingerprint(convs)
     identity = run_identity(settings.record(), fingerprint)
-    folders = prepare_run(settings.lora_root, name, identity, train.resume, train.log_dir)
+    folders = prepare_run(str(registry.work_root), name, identity, train.resume, train.log_dir)
     job = FitJob(train=train, model_path=train_path, base_model_name_or_path=base_model_name_or_path(model),
                  pad_id=pad_id, checkpoint_dir=str(folders.checkpoints.path),
                  identity=identity, log_dir=str(folders.log_dir), run_name=name,
-                 mlflow_uri=mlflow_uri(settings) if train.report_to == "mlflow" else None)
+                 mlflow_uri=mlflow_uri(settings, registry) if train.report_to == "mlflow" else None)
     with registry.staging(name, overwrite=overwrite) as staging:
         if train.workers > 1:
             from pipeline.train.ray_train import fit_with_ray
@@ -123,14 +123,18 @@ def run(cfg) -> dict:
         # Written last: its presence is what makes the folder an adapter.
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     folders.checkpoints.discard()  # the adapter is published: nothing left to resume
-    path = registry.resolve(name).path
-    print(_summary(name, path, manifest) + (f"\n  report: {path / report}" if report else ""), file=sys.stderr)
+    adapter = registry.resolve(name)
+    where = adapter.uri or str(adapter.path)
+    print(_summary(name, where, registry.shown, manifest) + (f"\n  report: {adapter.path / report}" if report else ""),
+          file=sys.stderr)
     return manifest
 
 
-def mlflow_uri(settings: TrainSettings) -> str:
-    """Where report_to=mlflow logs: `train.mlflow_uri`, or a file store beside the registry's runs."""
-    return settings.train.mlflow_uri or Path(settings.lora_root, RUNS_FOLDER, "mlflow").resolve().as_uri()
+def mlflow_uri(settings: TrainSettings, registry: AdapterRegistry | None = None) -> str:
+    """Where report_to=mlflow logs: `train.mlflow_uri`, or a file store beside the registry's runs
+    (for a registry on an object store: in this node's cache, `AdapterRegistry.work_root`)."""
+    root = registry.work_root if registry is not None else Path(settings.lora_root)
+    return settings.train.mlflow_uri or Path(root, RUNS_FOLDER, "mlflow").resolve().as_uri()
 
 
 def _write_report(folder: Path, manifest: dict) -> str | None:
@@ -171,7 +175,7 @@ def _check_served_model(adapter_dir: Path, model: ModelSettings, train_path: str
     return {"model": served, "checked": True, "matched_modules": m.matched_modules}
 
 
-def _summary(name: str, path: Path, m: dict) -> str:
+def _summary(name: str, path: str, root: str, m: dict) -> str:
     val = m.get("validation_loss")
     return (
         f"adapter {name!r} -> {path}\n"
@@ -179,5 +183,5 @@ def _summary(name: str, path: Path, m: dict) -> str:
         f"({m['tokens_per_second']:.0f} tokens/s over {m['train_seconds']:.1f}s, {m['workers']} worker(s))\n"
         f"  final train loss {m['train_loss']:.4f}"
         + (f", validation loss {val:.4f}" if val is not None else "")
-        + f"\n  use it: a request row with lora={name!r}; list: python -m pipeline.lora_registry --root {path.parent}"
+        + f"\n  use it: a request row with lora={name!r}; list: python -m pipeline.lora_registry --root {root}"
     )
