@@ -32,6 +32,7 @@ from pipeline.generate import config as job_config
 from pipeline.generate import dataset_inputs
 from pipeline.generate.config import AdapterSet
 from pipeline.generate.node_model import model_source, prepare_block_on_node
+from pipeline.node_cache import cache_root
 from pipeline.generate.settings import GenerationSettings, RaySettings, Resources, resolve_resources
 from pipeline.errors import JobFailure, find_failure
 from pipeline.manifests import iso_time, package_versions
@@ -65,7 +66,7 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
     model_path = job_config.ensure_model(settings.model)
     plan = plan_shards(
         dataset_inputs.parquet_inputs(settings.input, settings.dataset.split, settings.dataset.config_name,
-                                      _cache_folder()),
+                                      str(cache_root())),
         id_column=settings.id_column,
         passthrough=list(settings.passthrough),
         rows_per_shard=settings.read.rows_per_shard,
@@ -260,12 +261,6 @@ def _stop(out: OutputDir, exc: Exception) -> None:
     else:
         raise exc
     raise JobFailure(f"{reason}\nThe rows committed so far are kept: rerun the same command to resume.") from exc
-
-
-def _cache_folder() -> str:
-    """The project's local cache ($PIPELINE_CACHE, else .cache), where a `datasets` input's split
-    is kept as Parquet (pipeline.generate.dataset_inputs)."""
-    return os.path.abspath(os.environ.get("PIPELINE_CACHE", ".cache"))
 
 
 def _log_file(output: storage.Location) -> str:

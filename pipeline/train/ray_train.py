@@ -55,8 +55,11 @@ def fit_with_ray(job: FitJob, train_ex: list[Example], val_ex: list[Example], st
 
     started_ray = False
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"address": ray_settings.address, "log_to_driver": True}
-        if ray_settings.address is None and ray_settings.num_cpus is not None:
+        # address null starts a Ray here: "local", since ray.init(address=None) would join a Ray
+        # that `ray start` left running on this machine instead (ray.address=auto joins one).
+        address = ray_settings.address or "local"
+        kwargs: dict[str, Any] = {"address": address, "log_to_driver": True}
+        if address == "local" and ray_settings.num_cpus is not None:
             kwargs["num_cpus"] = ray_settings.num_cpus
         # Workers import this module by name; on a local cluster the checkout may not be
         # installed, so put it on their path (a remote cluster needs the package installed).
