@@ -40,3 +40,17 @@ def absolute(path: str) -> str:
     if "://" in str(path):
         return str(path)
     return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def model_path_of(model: dict) -> tuple[str, str | None]:
+    """`model.path` as the jobs run it, and the problem with it if any: a local folder is made
+    absolute and must hold a model (`config.json`) unless the job builds it there; a hub id or
+    a URI is kept as it is (checked where it is fetched)."""
+    path = model["path"]
+    if not (model.get("build") or looks_local(path)):
+        return path, None
+    path = absolute(path)
+    if not model.get("build") and not os.path.isfile(os.path.join(path, "config.json")):
+        return path, (f"model.path: '{path}' is not a model folder (no config.json); "
+                      "give a local Hugging Face model folder or a hub id")
+    return path, None

@@ -22,7 +22,7 @@ from pipeline.errors import UserError
 from pipeline.generate.dataset_inputs import is_dataset_name
 from pipeline.model_settings import ModelSettings, PromptSettings
 from pipeline.row_templates import RowTemplate, template_problems
-from pipeline.settings_common import absolute, build, looks_local, to_plain
+from pipeline.settings_common import absolute, build, model_path_of, to_plain
 from pipeline.storage import uri_problem
 
 # More answers per row than this is a mistake, not a sampling plan: each is an output row.
@@ -219,12 +219,9 @@ class GenerationSettings:
         from pipeline.response_format import validate_response_format
 
         model = s["model"]
-        model_path = model["path"]
-        if model.get("build") or looks_local(model_path):
-            model_path = absolute(model_path)
-            if not model.get("build") and not os.path.isfile(os.path.join(model_path, "config.json")):
-                raise ConfigError([f"model.path: '{model_path}' is not a model folder (no config.json); "
-                                   "give a local Hugging Face model folder or a hub id"])
+        model_path, problem = model_path_of(model)
+        if problem:
+            raise ConfigError([problem])
         inputs = [s["input"]] if isinstance(s["input"], str) else list(s["input"])
         engine = dict(s["engine"])
         engine["lora"] = build(LoraLimits, engine.get("lora") or {})

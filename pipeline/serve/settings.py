@@ -24,7 +24,7 @@ from pipeline.generate.settings import (
     request_defaults_problems,
 )
 from pipeline.model_settings import ModelSettings, PromptSettings
-from pipeline.settings_common import absolute, build, looks_local, to_plain
+from pipeline.settings_common import absolute, build, model_path_of, to_plain
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -95,12 +95,9 @@ class ServeSettings:
         if problems:
             raise ConfigError(problems)
         model = s["model"]
-        model_path = model["path"]
-        if model.get("build") or looks_local(model_path):
-            model_path = absolute(model_path)
-            if not model.get("build") and not os.path.isfile(os.path.join(model_path, "config.json")):
-                raise ConfigError([f"model.path: '{model_path}' is not a model folder (no config.json); "
-                                   "give a local Hugging Face model folder or a hub id"])
+        model_path, problem = model_path_of(model)
+        if problem:
+            raise ConfigError([problem])
         engine = dict(s["engine"])
         engine["lora"] = build(LoraLimits, engine.get("lora") or {})
         return cls(

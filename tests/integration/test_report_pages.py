@@ -22,16 +22,11 @@ import pytest
 
 from pipeline.train.job import run as train
 from tests.conftest import compose
+from tests.integration.browser import ARTIFACTS, SCRIPT, launch_chromium
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-# Row text that would run if the page did not escape it: it sets the page's title.
-SCRIPT = "<script>document.title='pwned'</script>"
 ROWS, BATCH = 40, 8
 # Start line, progress bar, summary (3 lines): what the default terminal shows, with room for a
 # warning or two; the baseline before the quiet console was over a hundred lines.
@@ -85,15 +80,8 @@ def trained(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"no Chromium at {CHROMIUM}: run scripts/test.sh (it installs Debian's chromium), "
-                    "or set CHROMIUM to a Chromium binary")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with launch_chromium() as chromium:
         yield chromium
-        chromium.close()
 
 
 def open_page(browser, path: Path, screenshot: str) -> dict:

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.serve.envelope import parse_sse
-from tests.integration.test_report_pages import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, SCRIPT
+from tests.integration.browser import ARTIFACTS, SCRIPT, launch_chromium
 from tests.integration.test_resume_guards import publish_adapter
 
 pytestmark = pytest.mark.integration
@@ -296,15 +296,8 @@ def test_beyond_the_queue_requests_get_429(client, server):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"no Chromium at {CHROMIUM}: run scripts/test.sh (it installs Debian's chromium), "
-                    "or set CHROMIUM to a Chromium binary")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with launch_chromium() as chromium:
         yield chromium
-        chromium.close()
 
 
 def test_the_playground_streams_an_answer_and_shows_typed_markup_as_text(server, browser):
