@@ -37,13 +37,14 @@ def derived_row_id(source: str, row: int) -> str:
 
 
 def duplicate_ids(files: list[str], root: str, id_column: str, total_rows: int,
-                  partition_rows: int = PARTITION_ROWS) -> list[str]:
+                  partition_rows: int | None = None) -> list[str]:
     """Ids must be unique: they key the output rows and the resume of an interrupted job.
 
     A row whose id is null takes its derived id (`file#row`), which must not equal a real id
     either. `total_rows`: the files' rows, from their footers; it sets how many partitions the
-    ids are spread over so that each holds about `partition_rows` of them.
+    ids are spread over so that each holds about `partition_rows` (default PARTITION_ROWS) of them.
     """
+    partition_rows = partition_rows or PARTITION_ROWS
     partitions = max(1, math.ceil(total_rows / partition_rows))
     starts = []  # the index over all files of each file's first row: one number per file
     with _Partitions(partitions, partition_rows) as spill:
@@ -53,15 +54,16 @@ def duplicate_ids(files: list[str], root: str, id_column: str, total_rows: int,
             source = storage.relative_name(path, root)
             for first, column in _id_batches(path, id_column):
                 ids = _as_text(column)
-                if ids.null_count:
-                    rows = np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))
+                if ids.null_count:  # only the null rows' derived ids are made
+                    nulls = ids.is_null()
+                    rows = np.flatnonzero(nulls.to_numpy(zero_copy_only=False))
                     derived = pa.array([derived_row_id(source, first + int(r)) for r in rows], pa.large_string())
-                    ids = pc.replace_with_mask(ids, ids.is_null(), derived)
+                    ids = pc.replace_with_mask(ids, nulls, derived)
                 spill.add(ids, np.arange(starts[-1] + first, starts[-1] + first + len(ids), dtype=np.int64))
                 seq = starts[-1] + first + len(ids)
         count, shown = 0, []
-        for table in spill.partitions():
-            dup = _duplicates(table, partition_rows)
+        for chunks in spill.partitions():
+            dup = _duplicates(chunks)
             count += dup.num_rows
             first_seen = dup.sort_by("first").slice(0, SHOWN).to_pylist()
             shown = heapq.nsmallest(SHOWN, shown + first_seen, key=lambda row: row["first"])
@@ -90,7 +92,7 @@ def _id_batches(path: str, id_column: str):
             first += batch.num_rows
 
 
-def _duplicates(chunks, partition_rows: int) -> pa.Table:
+def _duplicates(chunks) -> pa.Table:
     """The ids seen more than once among the (id, seq) tables `chunks`: id, n, first and last seq.
 
     Chunks are counted one at a time and the counts merged, so memory follows the distinct ids,

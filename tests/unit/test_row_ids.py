@@ -47,6 +47,15 @@ def expected_message(paths, id_lists):
     ]
 
 
+@pytest.fixture
+def spill_folders(monkeypatch):
+    """The temporary folders the check makes for its spill files, as it makes them."""
+    folders = []
+    real = row_ids.tempfile.TemporaryDirectory
+    monkeypatch.setattr(row_ids.tempfile, "TemporaryDirectory", lambda **kw: folders.append(real(**kw)) or folders[-1])
+    return folders
+
+
 def check(folder, paths, partition_rows):
     total = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
     return duplicate_ids(paths, str(folder), "uid", total, partition_rows=partition_rows)
@@ -81,7 +90,7 @@ def test_one_id_repeated_in_every_row_is_counted_without_holding_every_row(tmp_p
     paths = write_files(tmp_path, id_lists, row_group_size=250)
     chunks = []
     real = row_ids._duplicates
-    monkeypatch.setattr(row_ids, "_duplicates", lambda tables, n: real(chunks.append(list(tables)) or chunks[-1], n))
+    monkeypatch.setattr(row_ids, "_duplicates", lambda tables: real(chunks.append(list(tables)) or chunks[-1]))
     message = check(tmp_path, paths, partition_rows=300)
     assert message == expected_message(paths, id_lists)
     assert "1 duplicate id(s): 'same' (f0.parquet and f1.parquet)" in message[0]
@@ -97,23 +106,20 @@ def test_more_than_five_duplicates_are_counted_and_five_shown_in_input_order(tmp
     assert message[0].count("(f0.parquet and f1.parquet)") == 5 and " and 9 more;" in message[0]
 
 
-def test_unique_ids_over_many_partitions_pass_and_the_spill_is_removed(tmp_path, monkeypatch):
-    folders = []
-    real = row_ids.tempfile.TemporaryDirectory
-    monkeypatch.setattr(row_ids.tempfile, "TemporaryDirectory",
-                        lambda **kw: folders.append(real(**kw)) or folders[-1])
+def test_unique_ids_over_many_partitions_pass_and_the_spill_is_removed(tmp_path, spill_folders):
     paths = write_files(tmp_path, [[f"id-{f}-{i}" for i in range(500)] for f in range(4)], row_group_size=100)
     assert check(tmp_path, paths, partition_rows=100) == []
-    assert len(folders) == 1 and not os.path.exists(folders[0].name)
-    assert check(tmp_path, paths, partition_rows=2000) == [] and len(folders) == 1  # one partition: no spill
+    assert len(spill_folders) == 1 and not os.path.exists(spill_folders[0].name)
+    assert check(tmp_path, paths, partition_rows=2000) == [] and len(spill_folders) == 1  # one partition: no spill
 
 
-def test_plan_shards_spills_when_the_inputs_hold_more_than_one_partition(tmp_path, monkeypatch):
+def test_plan_shards_spills_when_the_inputs_hold_more_than_one_partition(tmp_path, monkeypatch, spill_folders):
     monkeypatch.setattr(row_ids, "PARTITION_ROWS", 10)
     id_lists = [[f"q{i}" for i in range(30)], ["q29", None]]
     write_files(tmp_path / "in", id_lists)
     with pytest.raises(InputError, match=r"1 duplicate id\(s\): 'q29' \(f0.parquet and f1.parquet\)"):
         plan_shards(str(tmp_path / "in"), id_column="uid")
+    assert len(spill_folders) == 1 and not os.path.exists(spill_folders[0].name)
 
 
 ids = st.one_of(st.none(), st.sampled_from(["a", "b", "f0.parquet#1", "f1.parquet#0", "é", ""]),
