@@ -172,15 +172,15 @@ class _Partitions:
             return
         if self.buffer:
             self._flush()
-        for writer in self.writers.values():
+        parts, writers, self.writers = sorted(self.writers), self.writers.values(), {}
+        for writer in writers:
             writer.close()
-        for part in sorted(self.writers):
+        for part in parts:
             yield self._read(part)
-        self.writers = {}
 
     def _read(self, part: int):
         batches, rows = [], 0
-        with pa.ipc.open_stream(pa.OSFile(self._path(part))) as reader:
+        with pa.OSFile(self._path(part)) as source, pa.ipc.open_stream(source) as reader:
             for batch in reader:
                 if batches and rows + batch.num_rows > self.partition_rows:
                     yield pa.Table.from_batches(batches, _SCHEMA)
