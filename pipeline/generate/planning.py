@@ -5,7 +5,7 @@ with neither a `prompt` nor a `messages` column, a missing id column, a column w
 differs between files) is found here, before any engine starts or any output is written, and
 reported at once with the path and what to do.
 
-Pure module: stdlib, numpy and pyarrow only.
+Pure module: stdlib and pyarrow only (`row_ids` checks that ids are unique).
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import concurrent.futures
 import hashlib
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import UserError
+from pipeline.generate.row_ids import derived_row_id as derived_row_id  # where read tasks and tests take it
+from pipeline.generate.row_ids import duplicate_ids
 from pipeline.schema import REQUEST_FIELDS
 
 
@@ -251,7 +251,7 @@ def plan_shards(
             for name in missing
         )
     if id_column and not problems:
-        problems.extend(_duplicate_ids(files, root, id_column))
+        problems.extend(duplicate_ids(files, root, id_column, total))
     if problems:
         raise InputError(problems)
     if total == 0:
@@ -309,58 +309,6 @@ def file_fingerprint(uri: str, num_rows: int) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return f"{num_rows}:sha256:{digest.hexdigest()}"
-
-
-def _duplicate_ids(files: list[str], root: str, id_column: str) -> list[str]:
-    """Ids must be unique: they key the output rows and the resume of an interrupted job.
-
-    A row whose id is null takes its derived id (`file#row`), which must not equal a real id
-    either. The ids are held as Arrow columns (about twice their bytes), not Python objects.
-    """
-    tables = []
-    for index, path in enumerate(files):
-        column = read_columns(path, [id_column]).column(id_column)
-        ids = _as_text(column)
-        if ids.null_count:
-            source = storage.relative_name(path, root)
-            derived = pa.array([derived_row_id(source, r) for r in range(len(ids))], pa.large_string())
-            ids = pc.if_else(pc.is_null(ids), derived, ids)
-        tables.append(pa.table({"id": ids, "file": pa.array(np.full(len(ids), index, np.int32))}))
-    if not tables:
-        return []
-    table = pa.concat_tables(tables)
-    counts = table.group_by("id").aggregate([("file", "count"), ("file", "min"), ("file", "max")])
-    dup = counts.filter(pc.greater(counts.column("file_count"), 1))
-    if dup.num_rows == 0:
-        return []
-    shown = []
-    for row in dup.slice(0, 5).to_pylist():
-        first, last = (files[row[k]].rsplit("/", 1)[-1] for k in ("file_min", "file_max"))
-        shown.append(f"'{row['id']}' ({first} and {last})")
-    more = f" and {dup.num_rows - 5} more" if dup.num_rows > 5 else ""
-    return [
-        f"id_column '{id_column}': {dup.num_rows} duplicate id(s): {', '.join(shown)}{more}; "
-        "make the ids unique, or set id_column=null to use file#row ids "
-        "(a row with a null id is given its file#row id, which must not be another row's id either)"
-    ]
-
-
-def _as_text(column: pa.ChunkedArray) -> pa.Array:
-    """An id column as text, the way row ids are written (`str` of the value)."""
-    column = column.combine_chunks()
-    if pa.types.is_dictionary(column.type):
-        column = column.dictionary_decode()
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_string_view(column.type):
-        return column.cast(pa.large_string())
-    if _is_text(column.type):  # binary ids are UTF-8 text, as the read tasks decode them
-        return pa.array([None if v is None else v.decode("utf-8", "backslashreplace") for v in column.to_pylist()],
-                        pa.large_string())
-    return pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.large_string())
-
-
-def derived_row_id(source: str, row: int) -> str:
-    """The id of a row when the input has no id column: its file and its index in the file."""
-    return f"{source}#{row}"
 
 
 def _split(path, source, metadata, columns, rows_per_shard) -> list[Shard]:
