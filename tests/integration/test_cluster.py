@@ -84,7 +84,9 @@ def _wait_for_jobs_api(url: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/api/version", timeout=2.0).status_code == 200:
+            # 401: up, with Ray's token authentication on (a `ray.init()` earlier in this process
+            # turns it on for the Rays started after it); `ray job submit` sends Ray's token.
+            if httpx.get(f"{url}/api/version", timeout=2.0).status_code in (200, 401):
                 return
         except httpx.HTTPError:
             pass
