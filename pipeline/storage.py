@@ -34,7 +34,6 @@ _MAGIC = re.compile(r"[*?\[]")
 
 FSSPEC_PACKAGES = {
     "hf": "huggingface_hub",
-    "gcs": "gcsfs",
     "az": "adlfs",
     "http": "aiohttp",
     "https": "aiohttp",
