@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from pipeline.lora_registry import AdapterRegistry
-from pipeline.train.checkpoints import run_folder
+from pipeline.train.checkpoints import CheckpointFolder, run_folder
 from pipeline.train.settings import TrainConfigError
 from tests.integration.test_train_lora import train, train_subprocess
 
@@ -192,9 +192,12 @@ def test_ray_train_workers_resume_to_the_same_adapter_bytes(tiny_model_dir, tmp_
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    # Ray forwards the workers' log lines asynchronously: the run may be past step 6 by now.
-    (checkpoint,) = os.listdir(run_folder(root, "ddp-resumed") / "checkpoints")
-    assert checkpoint in ("step-000003", "step-000006")
+    # Ray forwards the workers' log lines asynchronously: the run may be past step 6 by now, and the
+    # kill may land while step 6's checkpoint is written or before step 3's is removed. Whatever it
+    # left, the rerun resumes from the latest complete checkpoint.
+    latest = CheckpointFolder(run_folder(root, "ddp-resumed") / "checkpoints").latest()
+    assert latest is not None and latest.name in ("step-000003", "step-000006")
+    checkpoint = latest.name
 
     rerun = train_subprocess(tiny_model_dir, root, "ddp-resumed", *args, tmp_path=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
