@@ -188,13 +188,7 @@ class ObjectStoreLock:
 
     def check(self) -> None:
         """Raise `JobFailure` unless this run still holds the folder (read from the store)."""
-        holder = self._read() if self.token is not None else None
-        if holder is None or holder.get("token") != self.token:
-            raise JobFailure(
-                f"this run no longer holds output.path '{self.folder.shown}'"
-                + (f": another run took it ({_describe(holder)})" if holder else ": its lock object is gone")
-                + "; this run stops without committing more, and the parts it committed are kept"
-            )
+        check_lease(self.folder, self.token)
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lock object if it is still this run's (idempotent)."""
@@ -232,17 +226,7 @@ class ObjectStoreLock:
         return False
 
     def _read(self) -> dict | None:
-        try:
-            data = json.loads(self.file.read_text())
-        except FileNotFoundError:
-            return None
-        except OSError:
-            if not self.file.exists():  # stores that do not say FileNotFoundError
-                return None
-            raise
-        except ValueError:
-            return {}  # garbage: treated as a stale holder
-        return data if isinstance(data, dict) else {}
+        return _read_lease(self.file)
 
     def _write(self, token: str, started_at: str | None = None) -> None:
         now = time.time()
@@ -250,6 +234,33 @@ class ObjectStoreLock:
             "host": socket.gethostname(), "pid": os.getpid(), "token": token,
             "started_at": started_at or iso_time(now), "heartbeat_at": now,
         }) + "\n")
+
+
+def check_lease(folder, token: str | None) -> None:
+    """Raise `JobFailure` unless the lease on `folder` (a pipeline.storage.Location) is still the
+    one of `token`. The holder checks it before each commit; so does an engine worker committing
+    parts under its driver's lease (`output.commit=workers`), handed the driver's token."""
+    holder = _read_lease(folder.join(LOCK)) if token is not None else None
+    if holder is None or holder.get("token") != token:
+        raise JobFailure(
+            f"this run no longer holds output.path '{folder.shown}'"
+            + (f": another run took it ({_describe(holder)})" if holder else ": its lock object is gone")
+            + "; this run stops without committing more, and the parts it committed are kept"
+        )
+
+
+def _read_lease(file) -> dict | None:
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        return None
+    except OSError:
+        if not file.exists():  # stores that do not say FileNotFoundError
+            return None
+        raise
+    except ValueError:
+        return {}  # garbage: treated as a stale holder
+    return data if isinstance(data, dict) else {}
 
 
 def _describe(holder: dict) -> str:

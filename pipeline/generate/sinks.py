@@ -59,7 +59,16 @@ import pyarrow.parquet as pq
 from pipeline.errors import UserError
 from pipeline.generate.coverage import check_exactly_once, part_entry
 from pipeline.generate.folder_lock import FolderLock
-from pipeline.generate.part_files import PART_FILE, part_index, part_name, tmp_name, write_part
+from pipeline.generate.part_files import (
+    PART_FILE,
+    PART_LEFTOVER,
+    is_numbered,
+    part_index,
+    part_name,
+    part_sort_key,
+    tmp_name,
+    write_part,
+)
 from pipeline.manifests import iso_time
 
 JOB = "job.json"
@@ -71,7 +80,6 @@ STATS_COLUMNS = ["error", "prompt_tokens", "completion_tokens", "finish_reason",
 # The names `tmp_name` gives to files before they are renamed into place; nothing else is
 # ever cleaned up.
 _TOP_LEFTOVER = re.compile(r"^\.(job\.json|manifest\.json)\.tmp-[0-9a-f]{32}$")
-_PART_LEFTOVER = re.compile(r"^\.part-\d{5,}\.parquet\.tmp-[0-9a-f]{32}$")
 _MAX_PROBLEMS = 10
 
 
@@ -116,6 +124,7 @@ class OutputDir:
         self._pending_rows = 0
         self._lock = self._make_lock()
         self._next: int | None = None  # the next part index, once known
+        self._recorded: set[str] | None = None  # the parts' names, once a worker's part is recorded
 
     @property
     def shown(self) -> str:
@@ -199,10 +208,11 @@ class OutputDir:
         return [n for n in names if PART_FILE.match(n)]
 
     def part_files(self) -> list[str]:
-        """The committed parts (regular files named `part-<digits>.parquet`), in index order."""
+        """The committed parts (regular files named as parts, `part_files.PART_FILE`), in
+        `part_sort_key` order."""
         parts = self._parts_dir()
         names = [n for n in self._part_names() if _is_regular(os.path.join(parts, n))]
-        return [os.path.join(parts, n) for n in sorted(names, key=part_index)]
+        return [os.path.join(parts, n) for n in sorted(names, key=part_sort_key)]
 
     def _looks_like_output(self) -> bool:
         parts = self._parts_dir()
@@ -216,7 +226,7 @@ class OutputDir:
         """Files this module was writing when a run stopped (see `part_files.tmp_name`): regular
         files only."""
         found = []
-        for folder, pattern in ((self.path, _TOP_LEFTOVER), (self._parts_dir(), _PART_LEFTOVER)):
+        for folder, pattern in ((self.path, _TOP_LEFTOVER), (self._parts_dir(), PART_LEFTOVER)):
             try:
                 names = os.listdir(folder)
             except FileNotFoundError:
@@ -255,7 +265,7 @@ class OutputDir:
             self._remove_previous_output()
             has_job = False
         has_manifest = self._exists(manifest_file)
-        self.parts = []
+        self.parts, self._recorded = [], None
         if has_job:
             previous = _read_json_object(job_file, "fingerprint", self._read_text)["fingerprint"]
             if not isinstance(previous, dict):
@@ -359,7 +369,7 @@ class OutputDir:
         is listed once per run: with the lock held, no one else adds parts."""
         if self._next is None:
             names = [os.path.basename(p["file"]) for p in self.parts if isinstance(p.get("file"), str)]
-            indices = [part_index(n) for n in names + self._part_names() if PART_FILE.match(n)]
+            indices = [part_index(n) for n in names + self._part_names() if is_numbered(n)]
             self._next = 1 + max(indices, default=-1)
         return self._next
 
@@ -368,6 +378,25 @@ class OutputDir:
         index = write_part(self._parts_dir(), self._next_index(), table)
         self._next = index + 1
         return f"{PARTS}/{part_name(index)}"
+
+    def record(self, entry: dict) -> bool:
+        """Record a part an engine worker committed (`output.commit=workers`): its manifest entry
+        (`file`, `rows`, `covers`), never its rows. An entry for a part already recorded (a batch
+        that Ray did twice, both finding the same part) is ignored; True if it was new."""
+        if self._recorded is None:
+            self._recorded = {p["file"] for p in self.parts if isinstance(p.get("file"), str)}
+        if entry["file"] in self._recorded:
+            return False
+        self._recorded.add(entry["file"])
+        self.parts.append({key: entry[key] for key in ("file", "rows", "covers")})
+        return True
+
+    def committer(self):
+        """What an engine worker commits its parts with (`output.commit=workers`): picklable, and
+        writing into this folder under this run's lock (`pipeline.generate.worker_commit`)."""
+        from pipeline.generate.worker_commit import LocalParts
+
+        return LocalParts(self._parts_dir())
 
     def rewrite_manifest(self, manifest: dict) -> None:
         """Replace the finished job's `manifest.json` whole (`retry=errors` records its attempt)."""
@@ -382,7 +411,7 @@ class OutputDir:
         per row; only the `selected` rows with a limit), or no manifest is written."""
         try:
             self.flush()
-            parts = sorted(self.parts, key=lambda p: (part_index(os.path.basename(p["file"])), p["file"]))
+            parts = sorted(self.parts, key=lambda p: (*part_sort_key(os.path.basename(p["file"])), p["file"]))
             if expected_rows is not None:
                 problems = check_exactly_once(parts, expected_rows, per_row, selected)
                 if problems:
