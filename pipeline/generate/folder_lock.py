@@ -38,6 +38,7 @@ class FolderLock:
         self.file = os.path.join(folder, LOCK)
         self._error = error
         self._fd: int | None = None
+        self.token: str | None = None  # recorded in the lock file while held (`check_folder_holder`)
 
     @property
     def held(self) -> bool:
@@ -92,20 +93,55 @@ class FolderLock:
                 f"cannot lock '{self.file}' ({e}); the filesystem of output.path must support file locks "
                 "so that two runs never write the same folder"
             ) from e
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": iso_time(time.time())}
+        token = uuid.uuid4().hex
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": iso_time(time.time()),
+                  "token": token}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        self._fd = fd
+        self._fd, self.token = fd, token
 
     def release(self) -> None:
         """Let other runs take the folder (idempotent). The lock file stays (see the module's
         docstring)."""
-        fd, self._fd = self._fd, None
+        fd, self._fd, self.token = self._fd, None, None
         if fd is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)
+
+
+def check_folder_holder(folder: str, token: str | None) -> None:
+    """Raise `JobFailure` unless the run whose lock records `token` still holds `<folder>/.lock`.
+
+    For an engine worker committing parts under its driver's lock (`output.commit=workers`): a
+    worker can outlive a killed driver by seconds, and must not commit into a folder that no
+    run holds (its driver is gone) or that a rerun has taken. A shared lock that can be taken
+    means no one holds the exclusive one; it is dropped at once."""
+    try:
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        fd = None
+    try:
+        held = fd is not None
+        if held:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                held = False
+        holder = _read_holder(fd) if held else {}
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if token is None or not held or holder.get("token") != token:
+        raise JobFailure(
+            f"the run that started this worker no longer holds output.path '{folder}'"
+            + (f": another run took it (host {holder.get('host')}, pid {holder.get('pid')})" if held else "")
+            + "; this worker commits nothing more, and the parts committed are kept"
+        )
 
 
 def _read_holder(fd: int) -> dict:

@@ -97,14 +97,17 @@ def write_part(parts_dir: str, index: int, table: pa.Table) -> int:
     return index
 
 
-def write_named_part(parts_dir: str, name: str, table: pa.Table) -> bool:
+def write_named_part(parts_dir: str, name: str, table: pa.Table, check=None) -> bool:
     """Write `table` into `parts_dir` as `name` unless a part of that name exists (it is then
-    left as it is and this copy dropped); True if this call published it."""
+    left as it is and this copy dropped), once `check()` (if given) allows it; True if this
+    call published it."""
     tmp = tmp_name(os.path.join(parts_dir, name))
     try:
         pq.write_table(table, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if check is not None:
+            check()
         return _publish_new(tmp, os.path.join(parts_dir, name))
     finally:
         if os.path.lexists(tmp):

@@ -396,7 +396,7 @@ class OutputDir:
         writing into this folder under this run's lock (`pipeline.generate.worker_commit`)."""
         from pipeline.generate.worker_commit import LocalParts
 
-        return LocalParts(self._parts_dir())
+        return LocalParts(self.path, self._parts_dir(), self._lock.token)
 
     def rewrite_manifest(self, manifest: dict) -> None:
         """Replace the finished job's `manifest.json` whole (`retry=errors` records its attempt)."""

@@ -81,13 +81,17 @@ class PartCommitter:
 
 class LocalParts(PartCommitter):
     """Parts in a local (or shared) folder: written hidden, synced, published by a hard link
-    that fails rather than replace (`part_files.write_named_part`)."""
+    that fails rather than replace (`part_files.write_named_part`), while the driver that
+    started the worker still holds the folder's lock (`folder_lock.check_folder_holder`)."""
 
-    def __init__(self, parts_dir: str):
-        self.parts_dir = parts_dir
+    def __init__(self, folder: str, parts_dir: str, token: str | None):
+        self.folder, self.parts_dir = folder, parts_dir
+        self.token = token  # the driver's, recorded in <folder>/.lock
 
     def _publish(self, name: str, table: pa.Table) -> bool:
-        return write_named_part(self.parts_dir, name, table)
+        from pipeline.generate.folder_lock import check_folder_holder
+
+        return write_named_part(self.parts_dir, name, table, lambda: check_folder_holder(self.folder, self.token))
 
     def _read(self, name: str) -> pa.Table:
         return pq.read_table(os.path.join(self.parts_dir, name), columns=_ENTRY_COLUMNS)

@@ -18,7 +18,7 @@ import pytest
 from pipeline.generate.part_files import is_numbered
 from tests.conftest import compose
 from tests.integration.test_faults import ROOT, content, generation_actor_pids, job_command, output_rows, requests
-from tests.integration.test_generate_s3 import ROWS, inputs, listing, reference, upload  # noqa: F401 - fixtures
+from tests.integration.test_generate_s3 import listing, s3
 
 pytestmark = pytest.mark.integration
 LOCAL_ROWS = 240
@@ -97,12 +97,14 @@ def test_a_worker_killed_mid_job_leaves_every_row_once(by_driver, local_input, t
     assert manifest["counts"]["rows_out"] == LOCAL_ROWS
 
 
-def test_a_killed_driver_on_s3_is_resumed_exactly_once(generate_job, inputs, reference, s3_bucket,  # noqa: F811
+def test_a_killed_driver_on_s3_is_resumed_exactly_once(generate_job, by_driver, local_input, s3_bucket,
                                                        tiny_model_dir):
     """Worker commits on S3: the driver's whole process group killed once parts appear, then the
     same command again: every row once, with the local disk's answers; a reader listing the parts
     meanwhile sees only whole parts; no staged object is left."""
-    src, out = upload(inputs, s3_bucket), f"s3://{s3_bucket}/out"
+    with open(local_input, "rb") as f, s3().open_output_stream(f"{s3_bucket}/in/in.parquet") as dst:
+        dst.write(f.read())
+    src, out = f"s3://{s3_bucket}/in/in.parquet", f"s3://{s3_bucket}/out"
     overrides = ("batch_size=10", "output.commit=workers")
     proc = subprocess.Popen(job_command(tiny_model_dir, src, out, *overrides), cwd=ROOT,
                             env={**os.environ, "RAY_ADDRESS": "local"},
@@ -123,7 +125,7 @@ def test_a_killed_driver_on_s3_is_resumed_exactly_once(generate_job, inputs, ref
     reader = threading.Thread(target=read_parts_while_running, daemon=True)
     reader.start()
     deadline = time.time() + 300
-    while time.time() < deadline and len(seen) < 2:
+    while time.time() < deadline and not seen:
         assert proc.poll() is None, "the job ended before it could be interrupted"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
@@ -131,15 +133,17 @@ def test_a_killed_driver_on_s3_is_resumed_exactly_once(generate_job, inputs, ref
     reader.join(timeout=30)
     assert seen and not bad
     committed = pq.read_table(f"s3://{s3_bucket}/out/parts").column("id").to_pylist()
-    assert 0 < len(committed) < ROWS and "out/manifest.json" not in listing(s3_bucket, "out")
+    assert 0 < len(committed) < LOCAL_ROWS and "out/manifest.json" not in listing(s3_bucket, "out")
 
+    # The killed driver's engine may commit a few more parts until Ray ends it or the rerun
+    # takes the lease; it commits nothing after that.
     manifest, _ = generate_job(src, *overrides, output=out)
     assert manifest["resources"]["commit"] == "workers"
-    assert manifest["counts"]["rows_resumed"] == len(committed)
-    assert manifest["counts"]["rows_generated"] == ROWS - len(committed)
+    assert manifest["counts"]["rows_resumed"] >= len(committed)
+    assert manifest["counts"]["rows_generated"] == LOCAL_ROWS - manifest["counts"]["rows_resumed"]
     table = pq.read_table(f"s3://{s3_bucket}/out/parts")
-    assert table.num_rows == len(set(table.column("id").to_pylist())) == ROWS
-    assert content(table.to_pylist()) == reference["rows"]
+    assert table.num_rows == len(set(table.column("id").to_pylist())) == LOCAL_ROWS
+    assert content(table.to_pylist()) == content(by_driver[1])
     objects = listing(s3_bucket, "out")
     parts = [o for o in objects if o.startswith("out/parts/")]
     assert objects == ["out/job.json", "out/logs/generate.log", "out/manifest.json", *parts, "out/report.html"]

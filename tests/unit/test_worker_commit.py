@@ -66,6 +66,24 @@ def test_a_batch_committed_twice_leaves_one_part_described_as_it_is_on_disk(tmp_
     out.close()
 
 
+def test_a_worker_commits_nothing_once_its_driver_let_go_of_the_folder(tmp_path):
+    """A worker can outlive its killed driver by seconds: it must not commit into a folder that
+    no run holds, nor into one a rerun has taken."""
+    out = OutputDir(str(tmp_path))
+    out.open(FP)
+    committer = out.committer()
+    out.close()
+    with pytest.raises(JobFailure, match="no longer holds"):
+        committer.commit(answered("in.parquet", range(2)))
+    rerun = OutputDir(str(tmp_path))
+    rerun.open(FP)
+    with pytest.raises(JobFailure, match="another run took it"):
+        committer.commit(answered("in.parquet", range(2)))
+    assert os.listdir(tmp_path / "parts") == []  # no part, no temporary file
+    assert rerun.committer().commit(answered("in.parquet", range(2)))["rows"] == 2
+    rerun.close()
+
+
 def test_the_driver_records_entries_once_and_checks_them_before_the_manifest(tmp_path):
     out = OutputDir(str(tmp_path), rows_per_part=2)
     out.open(FP)
