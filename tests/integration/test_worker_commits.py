@@ -105,7 +105,7 @@ def test_a_killed_driver_on_s3_is_resumed_exactly_once(generate_job, by_driver, 
     with open(local_input, "rb") as f, s3().open_output_stream(f"{s3_bucket}/in/in.parquet") as dst:
         dst.write(f.read())
     src, out = f"s3://{s3_bucket}/in/in.parquet", f"s3://{s3_bucket}/out"
-    overrides = ("batch_size=10", "output.commit=workers")
+    overrides = ("batch_size=10", "batches_in_flight=2", "output.commit=workers")  # parts one by one
     proc = subprocess.Popen(job_command(tiny_model_dir, src, out, *overrides), cwd=ROOT,
                             env={**os.environ, "RAY_ADDRESS": "local"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
