@@ -3,6 +3,7 @@
     <output>/.lock                          held by the run writing the folder (see "One writer")
     <output>/job.json                       written first: what the job is (config + input fingerprints)
     <output>/parts/part-00000.parquet ...   committed by rename: a part on disk is always complete
+    <output>/parts/part-w<32 hex>.parquet   a part an engine worker committed (output.commit=workers)
     <output>/manifest.json                  written last: its presence means the job finished
     <output>/report.html                    the job's report page, after the manifest (`report`)
 
@@ -14,10 +15,11 @@ differ from `job.json` is refused with what changed, unless `output.overwrite=tr
 Only files this module (or `part_files`) creates are ever deleted, because `output.path` may be
 any folder, shared with other tools' files:
   - leftovers: `.job.json.tmp-<32 hex>` and `.manifest.json.tmp-<32 hex>` at the top, and
-    `.part-<5+ digits>.parquet.tmp-<32 hex>` in `parts/`, regular files only (symlinks and
-    folders with such names are left alone);
+    `.part-<5+ digits>.parquet.tmp-<32 hex>` and `.part-w<32 hex>.parquet.tmp-<32 hex>` in
+    `parts/`, regular files only (symlinks and folders with such names are left alone);
   - with `output.overwrite=true`, and only in a folder that has a `job.json`: `job.json`,
-    `manifest.json`, `report.html` (it would describe the previous job), the regular files `parts/part-<digits>.parquet`, and the leftovers above.
+    `manifest.json`, `report.html` (it would describe the previous job), the regular files named as
+    parts in `parts/` (`part_files.PART_FILE`), and the leftovers above.
     Everything else (`logs/`, the user's files, `.lock`) stays. A folder without `job.json` that
     holds a `manifest.json` or `parts/part-*.parquet` is not this project's job output, so it is
     refused whatever `overwrite` says. A `parts` that is a symlink or not a folder is refused
@@ -29,6 +31,9 @@ holder (`pipeline.generate.folder_lock`).
 
 Parts are never written over: each is published under the next free `part-<index>` name, and
 indices are parsed as numbers, so part 100000 follows part 99999 (`pipeline.generate.part_files`).
+With `output.commit=workers` the engine workers publish parts named by the rows they hold
+(`pipeline.generate.worker_commit`, made by `committer()`) and the driver `record`s their
+ledger entries instead of adding rows.
 Before `manifest.json` is written, `finish()` checks from the parts' row ranges that every
 planned input row was committed exactly once; a gap or a duplicate stops the job without a
 manifest (`pipeline.generate.coverage`).
@@ -57,6 +62,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
+from pipeline.generate.config import describe_changes
 from pipeline.generate.coverage import check_exactly_once, part_entry
 from pipeline.generate.folder_lock import FolderLock
 from pipeline.generate.part_files import (
@@ -442,23 +448,6 @@ def output_dir(path: str, *, overwrite: bool = False, rows_per_part: int = 1024)
 
         return StoreOutputDir(path, overwrite=overwrite, rows_per_part=rows_per_part)
     return OutputDir(path, overwrite=overwrite, rows_per_part=rows_per_part)
-
-
-def describe_changes(previous: dict, current: dict, prefix: str = "") -> list[str]:
-    """What differs between two job fingerprints, one line per setting or input file."""
-    changes = []
-    for key in sorted(set(previous) | set(current)):
-        name = f"{prefix}{key}"
-        old, new = previous.get(key, "<absent>"), current.get(key, "<absent>")
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes.extend(describe_changes(old, new, f"{name}."))
-        elif old != new:
-            if prefix == "inputs.":
-                what = "is new" if old == "<absent>" else "is gone" if new == "<absent>" else "changed"
-                changes.append(f"input file {key} {what}")
-            else:
-                changes.append(f"{name}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}")
-    return changes
 
 
 def _is_regular(path: str) -> bool:
