@@ -186,6 +186,10 @@ class OutputDir:
         for path in self._leftovers():
             os.remove(path)  # a part, job file or manifest that was being written when a run stopped
 
+    def _remove_own_leftovers(self) -> None:
+        """Before the manifest: what this run's dead workers left half-written. On a disk those
+        are hidden files no reader sees, left for the next run's cleanup; see StoreOutputDir."""
+
     # -- what is on disk -------------------------------------------------------------------------
 
     def _parts_dir(self) -> str:
@@ -432,6 +436,7 @@ class OutputDir:
                         "output.overwrite=true to regenerate the output"
                     )
             manifest = {**manifest, "parts": parts}
+            self._remove_own_leftovers()
             self._write_json(self._file(MANIFEST), manifest)
             return manifest
         finally:

@@ -18,6 +18,11 @@ of `<output>/parts` never sees a half-written or an uncommitted part. A killed r
 most a staged object, which the next run deletes (with the lease held); committed parts
 record their input rows, so the rerun generates exactly the rest.
 
+With `output.commit=workers` each engine worker commits its batches' parts the same way
+(`pipeline.generate.worker_commit.StoreParts`): staged under the driver's lease token, copied
+into `parts/` only while that lease is the driver's; `finish()` deletes what dead workers left
+staged before it writes the manifest.
+
 JSON files are single PUTs: an object appears whole. Deletions are limited to what the local
 folder deletes (sinks' module docstring), with `.staging/` in place of the hidden temporary
 files.
@@ -99,6 +104,10 @@ class StoreOutputDir(OutputDir):
 
     def _remove_leftovers(self) -> None:
         self.location.join(STAGING).delete()
+
+    def _remove_own_leftovers(self) -> None:
+        # Staged objects of this run's workers that died before publishing (output.commit=workers).
+        self.location.join(STAGING, self._lock.token or "unlocked").delete()
 
     def _remove_previous_output(self) -> None:
         for name in (JOB, MANIFEST, REPORT):

@@ -144,8 +144,11 @@ def test_on_a_store_a_batch_is_committed_once_and_nothing_stays_staged(store_fol
     assert [f.relative_to(root) for f in root.join("parts").files()] == [first["file"]]
     assert not root.join(".staging").files()
     out.record(first)
+    # what a worker that died while staging leaves behind is gone before the manifest is written
+    root.join(".staging", committer.token, f"{first['file'].split('/')[1]}.0123").write_bytes(b"half")
     manifest = out.finish({}, expected_rows={"in.parquet": 4})
     assert [p["file"] for p in manifest["parts"]] == [first["file"]]
+    assert not root.join(".staging").files()
 
 
 def test_on_a_store_a_worker_commits_nothing_once_the_driver_lost_the_lease(store_folder):
