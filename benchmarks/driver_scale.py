@@ -118,7 +118,7 @@ def commit(args, workdir: Path, mem: TreeMemory) -> dict:
 
     from pipeline.generate.sinks import OutputDir
     from pipeline.generate.stats import RunStats
-    from pipeline.generate.worker_commit import LEDGER_COLUMN, read_ledger
+    from pipeline.generate.worker_commit import LEDGER_COLUMN, batches_per_task, read_ledger
 
     n = args.commit_rows
     runs, made = [], None
@@ -143,8 +143,11 @@ def commit(args, workdir: Path, mem: TreeMemory) -> dict:
                 # the engine stage (here the stand-in, an actor pool as the engines are) and the
                 # driver's commit or ledger.
                 ds = ray.data.range(n, override_num_blocks=max(1, n // 4096))
-                ds = ds.repartition(target_num_rows_per_block=BATCH_ROWS)
                 committer = out.committer() if "worker" in mode else None
+                # the job's engine tasks: one batch each with driver commits, several with worker
+                # commits (pipeline.generate.worker_commit.batches_per_task; 5 batches in flight)
+                per_task = batches_per_task(n, BATCH_ROWS, 5, 1) if committer else 1
+                ds = ds.repartition(target_num_rows_per_block=BATCH_ROWS * per_task)
                 ds = ds.map_batches(_StandInEngine, fn_constructor_kwargs={"committer": committer},
                                     batch_size=BATCH_ROWS, batch_format="pyarrow",
                                     compute=ray.data.ActorPoolStrategy(size=1))

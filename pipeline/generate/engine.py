@@ -36,6 +36,7 @@ from pipeline.generate.node_model import node_model_path
 from pipeline.generate.engine_loop import EngineLoop, engine_dead
 from pipeline.generate.prepare import OUTPUT_SCHEMA, output_table, safe_text
 from pipeline.generate.retry import reseed_for_retry
+from pipeline.generate.part_files import keys_part_name
 from pipeline.generate.stats import tag_node
 from pipeline.generate.worker_commit import PartCommitter, ledger_table
 from pipeline.generate.samples import (
@@ -170,6 +171,12 @@ class GenerationWorker:
         # Labels are scored once per input row; its n answers are generated as rows of their own.
         scoring = self._label_requests(batch)
         batch = expand_samples(batch, self.samples)
+        if self.committer is not None:  # a batch Ray redoes is not generated again if its part is there
+            name = keys_part_name(batch.column("_source").to_pylist(), batch.column("_row").to_pylist(),
+                                  batch.column("_sample").to_pylist())
+            entry = self.committer.committed(name, self.node) if batch.num_rows else None
+            if entry is not None:
+                return ledger_table([entry])
         if self.retry:
             batch = reseed_for_retry(batch, self.retry["attempt"], frozenset(self.retry["truncated"]),
                                      self.retry["max_tokens"], self.retry.get("max_model_len"))

@@ -42,7 +42,7 @@ from pipeline.row_templates import RowTemplate
 from pipeline.generate.retry import RetryError, replace_rows, rows_to_redo
 from pipeline.generate.sinks import JOB, OutputDir, Resume, output_dir
 from pipeline.generate.stats import RunStats, batch_counts, untag_node
-from pipeline.generate.worker_commit import PartCommitter, read_ledger
+from pipeline.generate.worker_commit import PartCommitter, batches_per_task, read_ledger
 from pipeline.generate.tasks import preparer_args, read_shard, rows_to_skip
 from pipeline import storage
 
@@ -142,8 +142,11 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
         with stats.progress(enabled=settings.progress, file=console.terminal) as progress:
             if remaining:
                 committer = out.committer() if resolved.commit == "workers" else None
+                left = max(0, planned_rows - resume.rows // settings.n)
+                per_task = 1 if committer is None else batches_per_task(
+                    left, settings.batch_size, resolved.batches_in_flight, settings.workers)
                 ds = build_dataset(settings, resolved, plan, remaining, resume, model_path, adapters,
-                                   model.get("commit"), selected, committer=committer)
+                                   model.get("commit"), selected, committer=committer, batches_per_task=per_task)
                 try:
                     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                         for taken, counts, node in _take(out, batch, committer is not None):
@@ -314,7 +317,7 @@ def _shutdown(ray_settings: RaySettings) -> None:
 def build_dataset(settings: GenerationSettings, resources: Resources, plan: ShardPlan, shards: list[Shard],
                   resume: Resume, model_path: str, adapters: AdapterSet, revision: str | None = None,
                   selected: dict[str, list[int]] | None = None, retry: dict | None = None,
-                  committer: PartCommitter | None = None):
+                  committer: PartCommitter | None = None, batches_per_task: int = 1):
     from pipeline.generate.engine import GenerationWorker
 
     engine = job_config.engine_config(settings, resources, adapters)
@@ -327,7 +330,9 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
     ds = ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, num_cpus=settings.prepare.num_cpus)
     # Ray Data merges a task's outputs into one block, so without this a whole read shard would
     # reach the driver at once: results arrive (and are committed) one engine batch at a time.
-    ds = ds.repartition(target_num_rows_per_block=settings.batch_size)
+    # With worker commits a task holds `batches_per_task` batches, each committed as it finishes
+    # (pipeline.generate.worker_commit.batches_per_task): fewer tasks and blocks for the driver.
+    ds = ds.repartition(target_num_rows_per_block=settings.batch_size * batches_per_task)
     ds = ds.map_batches(
         GenerationWorker,
         fn_constructor_kwargs={

@@ -66,9 +66,13 @@ def batch_part_name(table: pa.Table) -> str:
     name whichever worker answers them and however often: a batch redone after its worker died
     finds its part already there."""
     samples = table.column("sample").to_pylist() if "sample" in table.column_names else [0] * table.num_rows
-    keys = sorted(zip(table.column("source_file").to_pylist(), table.column("source_row").to_pylist(), samples))
+    return keys_part_name(table.column("source_file").to_pylist(), table.column("source_row").to_pylist(), samples)
+
+
+def keys_part_name(sources: list[str], rows: list[int], samples: list[int]) -> str:
+    """`batch_part_name` from the keys themselves (known before a batch is generated)."""
     digest = hashlib.sha256()
-    for source, row, sample in keys:
+    for source, row, sample in sorted(zip(sources, rows, samples)):
         digest.update(f"{source}\x00{row}\x00{sample}\n".encode())
     return f"part-w{digest.hexdigest()[:32]}.parquet"
 

@@ -59,9 +59,35 @@ def read_ledger(batch: pa.Table) -> list[dict]:
     return [json.loads(text) for text in batch.column(LEDGER_COLUMN).to_pylist()]
 
 
+# At most this many engine batches in one Ray Data task with worker commits (`batches_per_task`).
+MAX_BATCHES_PER_TASK = 16
+# ... and at least this many tasks per place an engine has for a batch, so that the engines
+# stay full to the end of the job.
+TASKS_PER_SLOT = 4
+
+
+def batches_per_task(planned_rows: int, batch_size: int, batches_in_flight: int, workers: int) -> int:
+    """Engine batches per Ray Data task with worker commits.
+
+    What one driver spends is Ray Data's per task and per block (scheduling each engine task,
+    taking each output block), not per row (docs/benchmark.md, "The driver's limits"). With
+    driver commits a task is one batch, so rows reach the driver (and are committed) a batch at a
+    time. With worker commits, a task of k batches commits each batch as it finishes and returns
+    k ledger entries in one block: k times fewer tasks and blocks for the driver. The engine
+    still holds `batches_in_flight` batches at once (one per task in flight), so k is capped where
+    the job has too few rows to give every engine slot `TASKS_PER_SLOT` tasks."""
+    slots = max(1, batch_size * batches_in_flight * workers * TASKS_PER_SLOT)
+    return max(1, min(MAX_BATCHES_PER_TASK, planned_rows // slots))
+
+
 class PartCommitter:
     """Commits one batch's rows as a part of its own, from an engine worker; picklable (the
     driver makes it with `OutputDir.committer()` and Ray ships it to every worker)."""
+
+    def committed(self, name: str, node: str | None = None) -> dict | None:
+        """The ledger entry of part `name` if it is already committed (a batch Ray redoes after
+        its worker died, found before it is generated again), else None."""
+        return ledger_entry(name, self._read(name), node) if self._exists(name) else None
 
     def commit(self, table: pa.Table, node: str | None = None) -> dict:
         """Commit `table` as part `batch_part_name(table)`; its ledger entry. If that part exists
@@ -76,6 +102,9 @@ class PartCommitter:
         raise NotImplementedError
 
     def _read(self, name: str) -> pa.Table:
+        raise NotImplementedError
+
+    def _exists(self, name: str) -> bool:
         raise NotImplementedError
 
 
@@ -95,6 +124,9 @@ class LocalParts(PartCommitter):
 
     def _read(self, name: str) -> pa.Table:
         return pq.read_table(os.path.join(self.parts_dir, name), columns=_ENTRY_COLUMNS)
+
+    def _exists(self, name: str) -> bool:
+        return os.path.lexists(os.path.join(self.parts_dir, name))
 
 
 class StoreParts(PartCommitter):
@@ -120,3 +152,6 @@ class StoreParts(PartCommitter):
     def _read(self, name: str) -> pa.Table:
         loc = self.location.join(PARTS, name)
         return pq.read_table(loc.path, columns=_ENTRY_COLUMNS, filesystem=loc.filesystem)
+
+    def _exists(self, name: str) -> bool:
+        return self.location.join(PARTS, name).exists()

@@ -20,7 +20,7 @@ from pipeline.generate.settings import ConfigError, GenerationSettings, commit_m
 from pipeline.generate.sinks import OutputDir
 from pipeline.generate.stats import RunStats, batch_counts
 from pipeline.generate.store_output import StoreOutputDir
-from pipeline.generate.worker_commit import ledger_table, read_ledger
+from pipeline.generate.worker_commit import MAX_BATCHES_PER_TASK, batches_per_task, ledger_table, read_ledger
 from tests.conftest import compose
 from tests.unit.test_sinks import FP, TMP_HEX, rows
 from tests.unit.test_store_output import FAST
@@ -191,3 +191,23 @@ def test_the_commit_setting_is_checked_and_resolved():
     assert tiny.output.commit == "auto" and resolve_resources(tiny, 0, 2, 2).commit == "driver"
     h100 = GenerationSettings.from_config(compose("generate", ["hardware=h100"]))
     assert h100.output.commit == "workers" and resolve_resources(h100, 8, 128, 64, nodes=2).commit == "workers"
+
+
+def test_a_batch_already_committed_is_found_before_it_is_generated_again(tmp_path):
+    out = OutputDir(str(tmp_path))
+    out.open(FP)
+    committer = out.committer()
+    name = batch_part_name(answered("in.parquet", range(3)))
+    assert committer.committed(name) is None
+    entry = committer.commit(answered("in.parquet", range(3)), node="n")
+    assert committer.committed(name, node="n") == entry
+    out.close()
+
+
+def test_tasks_hold_several_batches_only_where_every_engine_slot_still_gets_several():
+    # 1,000,000 rows, 8 engines of 5 batches of 256 in flight: tasks of 16 batches (the cap)
+    assert batches_per_task(1_000_000, 256, 5, 8) == MAX_BATCHES_PER_TASK
+    # 100,000 rows on the same engines: 100,000 // (256 x 5 x 8 x 4) = 2 batches a task
+    assert batches_per_task(100_000, 256, 5, 8) == 2
+    assert batches_per_task(240, 20, 14, 1) == 1  # a small job: one batch a task, as with driver commits
+    assert batches_per_task(0, 64, 5, 1) == 1
