@@ -28,6 +28,7 @@ from benchmarks.report import log
 
 ANSWER = "positive"  # a short label answer; the response text is what varies per row in a real job
 BATCH_ROWS = 64  # the job's default batch_size: the unit that reaches the driver
+GPU_BATCH_ROWS = 256  # conf/hardware/h100.yaml's batch_size
 DRIVER = "driver (this process)"  # benchmarks.memory's name for the benchmark's own process
 
 
@@ -124,15 +125,19 @@ def commit(args, workdir: Path, mem: TreeMemory) -> dict:
     runs, made = [], None
     # output.rows_per_part: the job's default, then larger parts (fewer files to write and sync)
     sizes = [int(x) for x in str(args.commit_rows_per_part).split(",")]
-    modes = [("sink only", size) for size in sizes] + [("through Ray Data, driver commits", sizes[0]),
-                                                         ("through Ray Data, worker commits", BATCH_ROWS)]
-    for mode, rows_per_part in modes:
+    # (mode, output.rows_per_part, batch_size): a worker-committed part is one batch; batches of
+    # the job's default size, then of conf/hardware/h100.yaml's
+    modes = [("sink only", size, BATCH_ROWS) for size in sizes] + [
+        ("through Ray Data, driver commits", sizes[0], BATCH_ROWS),
+        ("through Ray Data, worker commits", BATCH_ROWS, BATCH_ROWS),
+        ("through Ray Data, worker commits", GPU_BATCH_ROWS, GPU_BATCH_ROWS)]
+    for mode, rows_per_part, batch_rows in modes:
         out = OutputDir(str(workdir / f"commit-{re.sub(r'[^a-z]+', '-', mode)}-{rows_per_part}"),
                         rows_per_part=rows_per_part)
         out.open({"config": {"benchmark": "driver scale"}})
         stats = RunStats(total_rows=n)
         if mode == "sink only":  # made before the clock starts: the stand-in's work is not the driver's
-            made = [canned_answers(i, min(BATCH_ROWS, n - i)) for i in range(0, n, BATCH_ROWS)]
+            made = [canned_answers(i, min(batch_rows, n - i)) for i in range(0, n, batch_rows)]
         mem.settle()
         with mem.window(f"commit, {mode}") as w:
             started = time.perf_counter()
@@ -146,10 +151,10 @@ def commit(args, workdir: Path, mem: TreeMemory) -> dict:
                 committer = out.committer() if "worker" in mode else None
                 # the job's engine tasks: one batch each with driver commits, several with worker
                 # commits (pipeline.generate.worker_commit.batches_per_task; 5 batches in flight)
-                per_task = batches_per_task(n, BATCH_ROWS, 5, 1) if committer else 1
-                ds = ds.repartition(target_num_rows_per_block=BATCH_ROWS * per_task)
+                per_task = batches_per_task(n, batch_rows, 5, 1) if committer else 1
+                ds = ds.repartition(target_num_rows_per_block=batch_rows * per_task)
                 ds = ds.map_batches(_StandInEngine, fn_constructor_kwargs={"committer": committer},
-                                    batch_size=BATCH_ROWS, batch_format="pyarrow",
+                                    batch_size=batch_rows, batch_format="pyarrow",
                                     compute=ray.data.ActorPoolStrategy(size=1))
                 batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
             for batch in batches:
@@ -166,7 +171,7 @@ def commit(args, workdir: Path, mem: TreeMemory) -> dict:
         figures = memory_figures(w)
         driver_cpu = figures.cpu_s.get(DRIVER, 0.0)
         assert stats.rows == n, f"{mode}: {stats.rows} rows counted of {n}"
-        runs.append({"name": f"commit, {mode}", "rows_per_part": rows_per_part, "rows": n, "seconds": round(seconds, 2),
+        runs.append({"name": f"commit, {mode}", "rows_per_part": rows_per_part, "batch_rows": batch_rows, "rows": n, "seconds": round(seconds, 2),
                      "rows_per_s": round(n / seconds), "parts": len(out.parts),
                      "peak_rss_gib": figures.peak_rss_gib, "rise_rss_gib": figures.rise_rss_gib,
                      "cpu_s": figures.cpu_s, "driver_cpu_us_per_row": round(driver_cpu / n * 1e6, 1),

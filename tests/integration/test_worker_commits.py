@@ -88,7 +88,9 @@ def test_a_worker_killed_mid_job_leaves_every_row_once(by_driver, local_input, t
 
     killer = threading.Thread(target=kill_worker_once_parts_appear, daemon=True)
     killer.start()
-    manifest = run_job(tiny_model_dir, local_input, out, *BATCH, "output.commit=workers")
+    # tasks of 3 batches of 10 (240 // (10 x 2 x 4)): a redone task finds some of its parts there
+    manifest = run_job(tiny_model_dir, local_input, out, "batch_size=10", "batches_in_flight=2",
+                       "output.commit=workers")
     killer.join()
     assert killed, "no worker was killed: the test did not exercise the fault"
     rows = output_rows(out)
@@ -105,7 +107,8 @@ def test_a_killed_driver_on_s3_is_resumed_exactly_once(generate_job, by_driver, 
     with open(local_input, "rb") as f, s3().open_output_stream(f"{s3_bucket}/in/in.parquet") as dst:
         dst.write(f.read())
     src, out = f"s3://{s3_bucket}/in/in.parquet", f"s3://{s3_bucket}/out"
-    overrides = ("batch_size=10", "batches_in_flight=2", "output.commit=workers")  # parts one by one
+    # parts one by one; tasks of 3 batches (worker_commit.batches_per_task: 240 rows // (10 x 2 x 4))
+    overrides = ("batch_size=10", "batches_in_flight=2", "output.commit=workers")
     proc = subprocess.Popen(job_command(tiny_model_dir, src, out, *overrides), cwd=ROOT,
                             env={**os.environ, "RAY_ADDRESS": "local"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
