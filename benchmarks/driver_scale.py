@@ -125,12 +125,14 @@ def commit(args, workdir: Path, mem: TreeMemory) -> dict:
     runs, made = [], None
     # output.rows_per_part: the job's default, then larger parts (fewer files to write and sync)
     sizes = [int(x) for x in str(args.commit_rows_per_part).split(",")]
-    # (mode, output.rows_per_part, batch_size): a worker-committed part is one batch; batches of
-    # the job's default size, then of conf/hardware/h100.yaml's
-    modes = [("sink only", size, BATCH_ROWS) for size in sizes] + [
-        ("through Ray Data, driver commits", sizes[0], BATCH_ROWS),
-        ("through Ray Data, worker commits", BATCH_ROWS, BATCH_ROWS),
-        ("through Ray Data, worker commits", GPU_BATCH_ROWS, GPU_BATCH_ROWS)]
+    # (--commit-modes key, run, output.rows_per_part, batch_size): a worker-committed part is one
+    # batch; batches of the job's default size, then of conf/hardware/h100.yaml's
+    modes = [("sink", "sink only", size, BATCH_ROWS) for size in sizes] + [
+        ("driver", "through Ray Data, driver commits", sizes[0], BATCH_ROWS),
+        ("workers", "through Ray Data, worker commits", BATCH_ROWS, BATCH_ROWS),
+        ("workers", "through Ray Data, worker commits", GPU_BATCH_ROWS, GPU_BATCH_ROWS)]
+    wanted = set(str(getattr(args, "commit_modes", "sink,driver,workers")).split(","))
+    modes = [m[1:] for m in modes if m[0] in wanted]
     for mode, rows_per_part, batch_rows in modes:
         out = OutputDir(str(workdir / f"commit-{re.sub(r'[^a-z]+', '-', mode)}-{rows_per_part}"),
                         rows_per_part=rows_per_part)
