@@ -211,3 +211,22 @@ def test_tasks_hold_several_batches_only_where_every_engine_slot_still_gets_seve
     assert batches_per_task(100_000, 256, 5, 8) == 2
     assert batches_per_task(240, 20, 14, 1) == 1  # a small job: one batch a task, as with driver commits
     assert batches_per_task(0, 64, 5, 1) == 1
+
+
+def test_retry_errors_finds_and_replaces_rows_in_worker_named_parts(tmp_path):
+    """retry=errors runs on the driver over whatever parts the folder holds, named ones included."""
+    from pipeline.generate.retry import replace_rows, rows_to_redo
+
+    out = OutputDir(str(tmp_path))
+    out.open(FP)
+    failed = answered("in.parquet", range(3)).append_column("id", pa.array(["a", "b", "c"]))
+    failed = failed.set_column(failed.schema.get_field_index("error"), "error",
+                               pa.array([None, "engine error: boom", None], pa.string()))
+    entry = out.committer().commit(failed)
+    out.close()
+    plan = rows_to_redo(out.part_files(), None)
+    assert plan.ids == ["b"] and list(plan.by_part) == [str(tmp_path / entry["file"])]
+    redone = failed.slice(1, 1).set_column(failed.schema.get_field_index("error"), "error", pa.array([None], pa.string()))
+    assert replace_rows(plan, redone) == 1
+    assert pq.read_table(tmp_path / entry["file"])["error"].to_pylist() == [None, None, None]
+    assert os.listdir(tmp_path / "parts") == [entry["file"].split("/")[1]]
