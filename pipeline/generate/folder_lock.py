@@ -3,7 +3,9 @@ object with a heartbeat on an object store (`ObjectStoreLock`).
 
 `OutputDir.open()` (`pipeline.generate.sinks`) takes the lock before it reads or deletes
 anything and holds it until `close()` or `finish()`; the file records the holder's host, pid and
-start time, which a refused second run (a scheduler retry, a rerun in another terminal) reports.
+start time, which a refused second run (a scheduler retry, a rerun in another terminal) reports,
+and a random token, by which engine workers committing parts for the holder
+(`output.commit=workers`) check that it still holds the folder (`check_folder_holder`).
 The operating system drops the lock when its holder dies, so a killed run never leaves a stale
 lock behind. `.lock` is hidden, so Parquet readers of the folder skip it, and it is never
 deleted: a run that opened it before the deletion would lock a file nobody else sees.
