@@ -8,13 +8,18 @@ planning   `pipeline.generate.planning.plan_shards` over `--scale-files` small P
 commit     the driver's commit path on `--commit-rows` rows of short answers (about 20 tokens of
            text, as labelling answers are), with no engine: first the job's own sink and counts
            (`OutputDir.add`, `RunStats.add`, `OutputDir.finish` with its exactly-once check) fed in
-           this process (at each of `--commit-rows-per-part`), then the same behind Ray Data, a stand-in stage returning canned answers
-           in the job's output schema that the driver takes with `iter_batches`, as the job does.
+           this process (at each of `--commit-rows-per-part`), then behind Ray Data, in both of
+           the job's commit modes (`output.commit`): `driver`, a stand-in stage returning canned
+           answers in the job's output schema that the driver takes with `iter_batches` and
+           commits; `workers`, the same stand-in committing each batch as a part itself with the
+           job's worker committer (`OutputDir.committer()`) and returning its ledger entry, which
+           the driver records (`OutputDir.record`, `RunStats.add_counts`), as the job does.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -23,6 +28,8 @@ from benchmarks.report import log
 
 ANSWER = "positive"  # a short label answer; the response text is what varies per row in a real job
 BATCH_ROWS = 64  # the job's default batch_size: the unit that reaches the driver
+GPU_BATCH_ROWS = 256  # conf/hardware/h100.yaml's batch_size
+DRIVER = "driver (this process)"  # benchmarks.memory's name for the benchmark's own process
 
 
 def write_inputs(folder: Path, files: int, rows: int) -> float:
@@ -90,22 +97,49 @@ def _stand_in(batch):
     return canned_answers(ids[0], len(ids))
 
 
+class _StandInEngine:
+    """The stand-in engine stage, an actor as the job's engines are: canned answers for each batch,
+    returned (`output.commit=driver`) or, given the job's worker committer, committed here as a
+    part and only its ledger entry returned (`workers`), as the job's engine workers do."""
+
+    def __init__(self, committer=None):
+        self.committer = committer
+
+    def __call__(self, batch):
+        from pipeline.generate.worker_commit import ledger_table
+
+        answers = _stand_in(batch)
+        if self.committer is None:
+            return answers
+        return ledger_table([self.committer.commit(answers, node="stand-in")])
+
+
 def commit(args, workdir: Path, mem: TreeMemory) -> dict:
     import ray
 
     from pipeline.generate.sinks import OutputDir
     from pipeline.generate.stats import RunStats
+    from pipeline.generate.worker_commit import LEDGER_COLUMN, batches_per_task, read_ledger
 
     n = args.commit_rows
     runs, made = [], None
     # output.rows_per_part: the job's default, then larger parts (fewer files to write and sync)
     sizes = [int(x) for x in str(args.commit_rows_per_part).split(",")]
-    for mode, rows_per_part in [("sink only", size) for size in sizes] + [("through Ray Data", sizes[0])]:
-        out = OutputDir(str(workdir / f"commit-{mode.replace(' ', '-')}-{rows_per_part}"), rows_per_part=rows_per_part)
+    # (--commit-modes key, run, output.rows_per_part, batch_size): a worker-committed part is one
+    # batch; batches of the job's default size, then of conf/hardware/h100.yaml's
+    modes = [("sink", "sink only", size, BATCH_ROWS) for size in sizes] + [
+        ("driver", "through Ray Data, driver commits", sizes[0], BATCH_ROWS),
+        ("workers", "through Ray Data, worker commits", BATCH_ROWS, BATCH_ROWS),
+        ("workers", "through Ray Data, worker commits", GPU_BATCH_ROWS, GPU_BATCH_ROWS)]
+    wanted = set(str(getattr(args, "commit_modes", "sink,driver,workers")).split(","))
+    modes = [m[1:] for m in modes if m[0] in wanted]
+    for mode, rows_per_part, batch_rows in modes:
+        out = OutputDir(str(workdir / f"commit-{re.sub(r'[^a-z]+', '-', mode)}-{rows_per_part}"),
+                        rows_per_part=rows_per_part)
         out.open({"config": {"benchmark": "driver scale"}})
         stats = RunStats(total_rows=n)
         if mode == "sink only":  # made before the clock starts: the stand-in's work is not the driver's
-            made = [canned_answers(i, min(BATCH_ROWS, n - i)) for i in range(0, n, BATCH_ROWS)]
+            made = [canned_answers(i, min(batch_rows, n - i)) for i in range(0, n, batch_rows)]
         mem.settle()
         with mem.window(f"commit, {mode}") as w:
             started = time.perf_counter()
@@ -113,23 +147,39 @@ def commit(args, workdir: Path, mem: TreeMemory) -> dict:
                 batches = iter(made)
             else:
                 # As the job's pipeline: read tasks of 4,096 rows, blocks of one batch each, then
-                # the engine stage (here the stand-in) and the driver's commit.
+                # the engine stage (here the stand-in, an actor pool as the engines are) and the
+                # driver's commit or ledger.
                 ds = ray.data.range(n, override_num_blocks=max(1, n // 4096))
-                ds = ds.repartition(target_num_rows_per_block=BATCH_ROWS)
-                ds = ds.map_batches(_stand_in, batch_size=BATCH_ROWS, batch_format="pyarrow")
+                committer = out.committer() if "worker" in mode else None
+                # the job's engine tasks: one batch each with driver commits, several with worker
+                # commits (pipeline.generate.worker_commit.batches_per_task; 5 batches in flight)
+                per_task = batches_per_task(n, batch_rows, 5, 1) if committer else 1
+                ds = ds.repartition(target_num_rows_per_block=batch_rows * per_task)
+                ds = ds.map_batches(_StandInEngine, fn_constructor_kwargs={"committer": committer},
+                                    batch_size=batch_rows, batch_format="pyarrow",
+                                    compute=ray.data.ActorPoolStrategy(size=1))
                 batches = ds.iter_batches(batch_format="pyarrow", batch_size=None)
             for batch in batches:
-                out.add(batch)
-                stats.add(batch)
+                if LEDGER_COLUMN in batch.column_names:
+                    for entry in read_ledger(batch):
+                        if out.record(entry):
+                            stats.add_counts(entry["counts"], node=entry["node"])
+                else:
+                    out.add(batch)
+                    stats.add(batch)
             out.finish({"status": "complete"}, expected_rows={"in.parquet": n})
             seconds = time.perf_counter() - started
         made = None
         figures = memory_figures(w)
-        runs.append({"name": f"commit, {mode}", "rows_per_part": rows_per_part, "rows": n, "seconds": round(seconds, 2),
+        driver_cpu = figures.cpu_s.get(DRIVER, 0.0)
+        assert stats.rows == n, f"{mode}: {stats.rows} rows counted of {n}"
+        runs.append({"name": f"commit, {mode}", "rows_per_part": rows_per_part, "batch_rows": batch_rows, "rows": n, "seconds": round(seconds, 2),
                      "rows_per_s": round(n / seconds), "parts": len(out.parts),
                      "peak_rss_gib": figures.peak_rss_gib, "rise_rss_gib": figures.rise_rss_gib,
-                     "cpu_s": figures.cpu_s})
-        log(f"  commit, {mode}, {rows_per_part} rows per part: {n / seconds:,.0f} rows/s ({n:,} rows in {seconds:.1f}s)")
+                     "cpu_s": figures.cpu_s, "driver_cpu_us_per_row": round(driver_cpu / n * 1e6, 1),
+                     "load_avg": round(os.getloadavg()[0], 1)})
+        log(f"  commit, {mode}, {rows_per_part} rows per part: {n / seconds:,.0f} rows/s ({n:,} rows in {seconds:.1f}s), "
+            f"driver CPU {driver_cpu:.1f}s, load average {os.getloadavg()[0]:.1f}")
     return {"rows": n, "batch_rows": BATCH_ROWS, "answer": ANSWER, "runs": runs}
 
 

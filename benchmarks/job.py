@@ -37,7 +37,8 @@ def run_job(args, model_path: str, input_path: str, workdir: Path, mem: TreeMemo
     def on_batch(table) -> None:
         if not first:
             first.append(time.perf_counter())
-        batches.append(table.num_rows)
+        # rows: a batch of output rows (output.commit=driver), or a worker-committed part's ledger entry
+        batches.append(table["rows"] if isinstance(table, dict) else table.num_rows)
 
     mem.settle()
     with mem.window(label) as w:

@@ -115,6 +115,8 @@ def driver_scale_section(ds: dict) -> list[str]:
                                     ("peak RSS GiB", "peak_rss_gib", ".2f"), ("rise GiB", "rise_rss_gib", ".2f")])]
     return lines + [
             f"committing {c['rows']:,} rows of short answers ({c['answer']!r}) in batches of {c['batch_rows']}",
-            table(c["runs"], [("run", "name", ""), ("rows/part", "rows_per_part", ","), ("rows", "rows", ","), ("s", "seconds", ".1f"),
+            table(c["runs"], [("run", "name", ""), ("rows/part", "rows_per_part", ","), ("batch", "batch_rows", ","),
+                              ("rows", "rows", ","), ("s", "seconds", ".1f"),
                               ("rows/s", "rows_per_s", ",.0f"), ("parts", "parts", ","),
+                              ("driver CPU us/row", "driver_cpu_us_per_row", ".1f"), ("load", "load_avg", ".1f"),
                               ("peak RSS GiB", "peak_rss_gib", ".2f"), ("rise GiB", "rise_rss_gib", ".2f")])]

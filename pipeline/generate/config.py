@@ -8,6 +8,7 @@ The settings themselves are `pipeline.generate.settings`; nothing here writes in
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,6 +231,23 @@ def fingerprint(settings: GenerationSettings, resources: Resources, plan: ShardP
         },
         "versions": package_versions(TOKEN_PACKAGES),
     }
+
+
+def describe_changes(previous: dict, current: dict, prefix: str = "") -> list[str]:
+    """What differs between two job fingerprints, one line per setting or input file."""
+    changes = []
+    for key in sorted(set(previous) | set(current)):
+        name = f"{prefix}{key}"
+        old, new = previous.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes.extend(describe_changes(old, new, f"{name}."))
+        elif old != new:
+            if prefix == "inputs.":
+                what = "is new" if old == "<absent>" else "is gone" if new == "<absent>" else "changed"
+                changes.append(f"input file {key} {what}")
+            else:
+                changes.append(f"{name}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}")
+    return changes
 
 
 def engine_config(settings: GenerationSettings, resources: Resources, adapters: AdapterSet) -> dict:

@@ -12,6 +12,9 @@ call returns as soon as its own rows are done. If the engine refuses a batch's r
 retried one by one so that one bad row becomes one error row; an engine that cannot start, or
 dies, fails the job.
 
+With `output.commit=workers` the worker commits each answered batch as a part itself and returns
+only its ledger entry (`pipeline.generate.worker_commit`).
+
 A row's n answers (`n`) are generated here, as rows of their own, so that they are committed
 together; the labels of a `choice` row are scored here too (`pipeline.generate.samples`).
 """
@@ -33,7 +36,9 @@ from pipeline.generate.node_model import node_model_path
 from pipeline.generate.engine_loop import EngineLoop, engine_dead
 from pipeline.generate.prepare import OUTPUT_SCHEMA, output_table, safe_text
 from pipeline.generate.retry import reseed_for_retry
+from pipeline.generate.part_files import keys_part_name
 from pipeline.generate.stats import tag_node
+from pipeline.generate.worker_commit import PartCommitter, ledger_table
 from pipeline.generate.samples import (
     continuation_logprob,
     expand_samples,
@@ -114,7 +119,8 @@ class GenerationWorker:
 
     def __init__(self, engine: dict, model_path: str, adapters: dict[str, dict], passthrough: list[str],
                  revision: str | None = None, samples: int = 1, retry: dict | None = None,
-                 model_source: dict | None = None, node_id: Callable[[], str] | None = None):
+                 model_source: dict | None = None, node_id: Callable[[], str] | None = None,
+                 committer: PartCommitter | None = None):
         if model_source is not None:  # the driver's model, found or made on this node
             model_path = node_model_path(model_source)
         # vLLM's engine core in its own process or in this one, as the job resolved it
@@ -156,12 +162,21 @@ class GenerationWorker:
         # the loop never runs base rows and adapter rows at the same time.
         self.loop = EngineLoop(self.llm, separate_base_and_lora=on_cpu)
         self.node = node_id() if node_id is not None else None  # tags each answered batch
+        # output.commit=workers: each answered batch is committed here as a part of its own, and
+        # only its ledger entry goes back to the driver (pipeline.generate.worker_commit).
+        self.committer = committer
         log.info("engine ready in %.1fs", time.perf_counter() - started)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         # Labels are scored once per input row; its n answers are generated as rows of their own.
         scoring = self._label_requests(batch)
         batch = expand_samples(batch, self.samples)
+        if self.committer is not None:  # a batch Ray redoes is not generated again if its part is there
+            name = keys_part_name(batch.column("_source").to_pylist(), batch.column("_row").to_pylist(),
+                                  batch.column("_sample").to_pylist())
+            entry = self.committer.committed(name, self.node) if batch.num_rows else None
+            if entry is not None:
+                return ledger_table([entry])
         if self.retry:
             batch = reseed_for_retry(batch, self.retry["attempt"], frozenset(self.retry["truncated"]),
                                      self.retry["max_tokens"], self.retry.get("max_model_len"))
@@ -200,6 +215,8 @@ class GenerationWorker:
             self._fill_label_probs(cols, scoring, outputs[len(todo):])
         passthrough = {name: batch.column(name) for name in self.passthrough}
         table = output_table(cols, passthrough)
+        if self.committer is not None:
+            return ledger_table([self.committer.commit(table, self.node)] if table.num_rows else [])
         return tag_node(table, self.node) if self.node else table
 
     def _label_requests(self, batch: pa.Table) -> list[_LabelScore]:

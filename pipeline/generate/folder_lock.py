@@ -3,7 +3,9 @@ object with a heartbeat on an object store (`ObjectStoreLock`).
 
 `OutputDir.open()` (`pipeline.generate.sinks`) takes the lock before it reads or deletes
 anything and holds it until `close()` or `finish()`; the file records the holder's host, pid and
-start time, which a refused second run (a scheduler retry, a rerun in another terminal) reports.
+start time, which a refused second run (a scheduler retry, a rerun in another terminal) reports,
+and a random token, by which engine workers committing parts for the holder
+(`output.commit=workers`) check that it still holds the folder (`check_folder_holder`).
 The operating system drops the lock when its holder dies, so a killed run never leaves a stale
 lock behind. `.lock` is hidden, so Parquet readers of the folder skip it, and it is never
 deleted: a run that opened it before the deletion would lock a file nobody else sees.
@@ -38,6 +40,7 @@ class FolderLock:
         self.file = os.path.join(folder, LOCK)
         self._error = error
         self._fd: int | None = None
+        self.token: str | None = None  # recorded in the lock file while held (`check_folder_holder`)
 
     @property
     def held(self) -> bool:
@@ -92,20 +95,55 @@ class FolderLock:
                 f"cannot lock '{self.file}' ({e}); the filesystem of output.path must support file locks "
                 "so that two runs never write the same folder"
             ) from e
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": iso_time(time.time())}
+        token = uuid.uuid4().hex
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": iso_time(time.time()),
+                  "token": token}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        self._fd = fd
+        self._fd, self.token = fd, token
 
     def release(self) -> None:
         """Let other runs take the folder (idempotent). The lock file stays (see the module's
         docstring)."""
-        fd, self._fd = self._fd, None
+        fd, self._fd, self.token = self._fd, None, None
         if fd is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)
+
+
+def check_folder_holder(folder: str, token: str | None) -> None:
+    """Raise `JobFailure` unless the run whose lock records `token` still holds `<folder>/.lock`.
+
+    For an engine worker committing parts under its driver's lock (`output.commit=workers`): a
+    worker can outlive a killed driver by seconds, and must not commit into a folder that no
+    run holds (its driver is gone) or that a rerun has taken. A shared lock that can be taken
+    means no one holds the exclusive one; it is dropped at once."""
+    try:
+        fd = os.open(os.path.join(folder, LOCK), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        fd = None
+    try:
+        held = fd is not None
+        if held:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                held = False
+        holder = _read_holder(fd) if held else {}
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if token is None or not held or holder.get("token") != token:
+        raise JobFailure(
+            f"the run that started this worker no longer holds output.path '{folder}'"
+            + (f": another run took it (host {holder.get('host')}, pid {holder.get('pid')})" if held else "")
+            + "; this worker commits nothing more, and the parts committed are kept"
+        )
 
 
 def _read_holder(fd: int) -> dict:
@@ -188,13 +226,7 @@ class ObjectStoreLock:
 
     def check(self) -> None:
         """Raise `JobFailure` unless this run still holds the folder (read from the store)."""
-        holder = self._read() if self.token is not None else None
-        if holder is None or holder.get("token") != self.token:
-            raise JobFailure(
-                f"this run no longer holds output.path '{self.folder.shown}'"
-                + (f": another run took it ({_describe(holder)})" if holder else ": its lock object is gone")
-                + "; this run stops without committing more, and the parts it committed are kept"
-            )
+        check_lease(self.folder, self.token)
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lock object if it is still this run's (idempotent)."""
@@ -232,17 +264,7 @@ class ObjectStoreLock:
         return False
 
     def _read(self) -> dict | None:
-        try:
-            data = json.loads(self.file.read_text())
-        except FileNotFoundError:
-            return None
-        except OSError:
-            if not self.file.exists():  # stores that do not say FileNotFoundError
-                return None
-            raise
-        except ValueError:
-            return {}  # garbage: treated as a stale holder
-        return data if isinstance(data, dict) else {}
+        return _read_lease(self.file)
 
     def _write(self, token: str, started_at: str | None = None) -> None:
         now = time.time()
@@ -250,6 +272,33 @@ class ObjectStoreLock:
             "host": socket.gethostname(), "pid": os.getpid(), "token": token,
             "started_at": started_at or iso_time(now), "heartbeat_at": now,
         }) + "\n")
+
+
+def check_lease(folder, token: str | None) -> None:
+    """Raise `JobFailure` unless the lease on `folder` (a pipeline.storage.Location) is still the
+    one of `token`. The holder checks it before each commit; so does an engine worker committing
+    parts under its driver's lease (`output.commit=workers`), handed the driver's token."""
+    holder = _read_lease(folder.join(LOCK)) if token is not None else None
+    if holder is None or holder.get("token") != token:
+        raise JobFailure(
+            f"this run no longer holds output.path '{folder.shown}'"
+            + (f": another run took it ({_describe(holder)})" if holder else ": its lock object is gone")
+            + "; this run stops without committing more, and the parts it committed are kept"
+        )
+
+
+def _read_lease(file) -> dict | None:
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        return None
+    except OSError:
+        if not file.exists():  # stores that do not say FileNotFoundError
+            return None
+        raise
+    except ValueError:
+        return {}  # garbage: treated as a stale holder
+    return data if isinstance(data, dict) else {}
 
 
 def _describe(holder: dict) -> str:

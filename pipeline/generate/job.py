@@ -6,8 +6,9 @@
       -> the driver commits Parquet parts, shows progress, and writes manifest.json last
 
 The driver streams the results (`iter_batches`), so memory stays flat however many rows there
-are, and it alone commits parts: a part is written to a temporary name and renamed, so a part
-on disk is always whole.
+are. With `output.commit=driver` it commits the parts: a part is written to a temporary name and
+renamed, so a part on disk is always whole. With `workers` each engine commits its own batches'
+parts the same way and the driver takes only their ledger entries (`pipeline.generate.worker_commit`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from pipeline.generate.planning import Shard, ShardPlan, limit_rows, plan_shards
 from pipeline.row_templates import RowTemplate
 from pipeline.generate.retry import RetryError, replace_rows, rows_to_redo
 from pipeline.generate.sinks import JOB, OutputDir, Resume, output_dir
-from pipeline.generate.stats import RunStats, untag_node
+from pipeline.generate.stats import RunStats, batch_counts, untag_node
+from pipeline.generate.worker_commit import PartCommitter, batches_per_task, read_ledger
 from pipeline.generate.tasks import preparer_args, read_shard, rows_to_skip
 from pipeline import storage
 
@@ -56,8 +58,9 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
     """Run the generation job described by `cfg` (the composed Hydra config); return the manifest.
 
     Rerunning a job into the same output folder resumes it (see `pipeline.generate.sinks`).
-    `on_batch`, if given, sees each batch of output rows as the driver takes it for commit (a
-    benchmark's clock, a progress hook); it must not change the table.
+    `on_batch`, if given, sees what the driver takes for commit (a benchmark's clock, a progress
+    hook): each batch of output rows with `output.commit=driver`, each committed part's ledger
+    entry (a dict: `file`, `rows`, `covers`, `counts`, `node`) with `workers`; it must not change it.
     """
     settings = GenerationSettings.from_config(cfg)
     started = time.time()
@@ -103,8 +106,10 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
     planned_rows = sum(len(r) for r in selected.values()) if selected is not None else plan.total_rows
     _init_ray(settings.ray)
     resources = ray.cluster_resources()
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=None)
-    resolved = resolve_resources(settings, resources.get("GPU", 0), resources.get("CPU"), node_cpus)
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in alive), default=None)
+    resolved = resolve_resources(settings, resources.get("GPU", 0), resources.get("CPU"), node_cpus,
+                                 nodes=max(1, len(alive)))
     log.info("resources: %s", json.dumps(dataclasses.asdict(resolved)))
 
     out = output_dir(
@@ -136,15 +141,18 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
         remaining = [s for s in plan.shards if len(rows_to_skip(s, resume, selected)) < s.num_rows]
         with stats.progress(enabled=settings.progress, file=console.terminal) as progress:
             if remaining:
+                committer = out.committer() if resolved.commit == "workers" else None
+                left = max(0, planned_rows - resume.rows // settings.n)
+                per_task = 1 if committer is None else batches_per_task(
+                    left, settings.batch_size, resolved.batches_in_flight, settings.workers)
                 ds = build_dataset(settings, resolved, plan, remaining, resume, model_path, adapters,
-                                   model.get("commit"), selected)
+                                   model.get("commit"), selected, committer=committer, batches_per_task=per_task)
                 try:
                     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                        batch, node = untag_node(batch)
-                        out.add(batch)
-                        if on_batch is not None:
-                            on_batch(batch)
-                        stats.add(batch, node=node)
+                        for taken, counts, node in _take(out, batch, committer is not None):
+                            if on_batch is not None:
+                                on_batch(taken)
+                            stats.add_counts(counts, node=node)
                         progress.update(stats)
                 except Exception as exc:
                     _stop(out, exc)
@@ -183,6 +191,20 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
     console.print("\n".join(lines))
     _shutdown(settings.ray)
     return manifest
+
+
+def _take(out: OutputDir, batch: pa.Table, ledger: bool):
+    """What the driver takes from one batch Ray Data delivers: with driver commits, the rows (added
+    to the pending part); with worker commits, the ledger entries of parts already committed
+    (recorded, each once). Yields (what `on_batch` sees, its `batch_counts`, the engine's node)."""
+    if ledger:
+        for entry in read_ledger(batch):
+            if out.record(entry):
+                yield entry, entry["counts"], entry["node"]
+        return
+    batch, node = untag_node(batch)
+    out.add(batch)
+    yield batch, batch_counts(batch), node
 
 
 def _redo_failed_rows(settings: GenerationSettings, console: JobConsole, out: OutputDir, resume: Resume,
@@ -294,7 +316,8 @@ def _shutdown(ray_settings: RaySettings) -> None:
 
 def build_dataset(settings: GenerationSettings, resources: Resources, plan: ShardPlan, shards: list[Shard],
                   resume: Resume, model_path: str, adapters: AdapterSet, revision: str | None = None,
-                  selected: dict[str, list[int]] | None = None, retry: dict | None = None):
+                  selected: dict[str, list[int]] | None = None, retry: dict | None = None,
+                  committer: PartCommitter | None = None, batches_per_task: int = 1):
     from pipeline.generate.engine import GenerationWorker
 
     engine = job_config.engine_config(settings, resources, adapters)
@@ -307,7 +330,9 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
     ds = ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, num_cpus=settings.prepare.num_cpus)
     # Ray Data merges a task's outputs into one block, so without this a whole read shard would
     # reach the driver at once: results arrive (and are committed) one engine batch at a time.
-    ds = ds.repartition(target_num_rows_per_block=settings.batch_size)
+    # With worker commits a task holds `batches_per_task` batches, each committed as it finishes
+    # (pipeline.generate.worker_commit.batches_per_task): fewer tasks and blocks for the driver.
+    ds = ds.repartition(target_num_rows_per_block=settings.batch_size * batches_per_task)
     ds = ds.map_batches(
         GenerationWorker,
         fn_constructor_kwargs={
@@ -320,6 +345,7 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
             "revision": revision,
             "samples": settings.n,
             "retry": retry,
+            "committer": committer,  # output.commit=workers: the engine commits its batches' parts
         },
         # Several batches per engine at once, each call in its own thread: the worker's engine
         # loop adds each batch's requests as they arrive (pipeline.generate.engine_loop.EngineLoop).

@@ -100,7 +100,10 @@ class OutputSettings:
     overwrite: bool = False
     """Replace this job's earlier output in `path` instead of refusing or resuming."""
     rows_per_part: int = 1024
-    """Rows per committed Parquet part."""
+    """Rows per committed Parquet part (driver commits; a worker commits one part per batch)."""
+    commit: str = "auto"
+    """Who writes the parts: `driver` (every row goes through the driver), `workers` (each engine
+    worker commits its batches, the driver keeps the ledger) or `auto` (`commit_mode`)."""
 
 
 @dataclass(frozen=True)
@@ -291,6 +294,8 @@ class Resources:
     """Batches each engine holds at once."""
     engine_multiprocessing: bool = False
     """vLLM's engine core in its own process (`engine_multiprocessing`)."""
+    commit: str = "driver"
+    """Who commits the parts: driver or workers (`commit_mode`)."""
 
 
 def engine_multiprocessing(device: str, engine: EngineSettings) -> bool:
@@ -309,10 +314,34 @@ def engine_multiprocessing(device: str, engine: EngineSettings) -> bool:
     return device == "gpu" or engine.tensor_parallel_size > 1
 
 
+COMMIT_MODES = ("auto", "driver", "workers")
+
+
+def commit_mode(commit: str, device: str, nodes: int, output_path: str) -> str:
+    """Who commits the parts: `output.commit` when it is driver or workers; for auto, the workers
+    where that pays and is safe, the driver otherwise.
+
+    It pays where more rows come back than one driver takes through Ray Data (a few thousand a
+    second, docs/benchmark.md "The driver's limits"): with GPU engines, or engines on more than
+    one node. It is safe where every worker reaches the output folder: an object store, or a
+    local folder on a single-node Ray. A local folder with a multi-node Ray stays on the driver
+    (each node would write to its own disk) unless `workers` is asked for, which then says that
+    the folder is shared (NFS and the like). CPU jobs on one machine, the tests among them, get
+    the driver: their engines give tens of rows a second.
+    """
+    if commit != "auto":
+        return commit
+    from pipeline.storage import is_remote
+
+    pays = device == "gpu" or nodes > 1
+    safe = is_remote(output_path) or nodes <= 1
+    return "workers" if pays and safe else "driver"
+
+
 def resolve_resources(settings: GenerationSettings, cluster_gpus: float, cluster_cpus: float | None = None,
-                      node_cpus: float | None = None) -> Resources:
-    """The engines' device and sizes on a cluster with `cluster_gpus` GPUs and `cluster_cpus`
-    CPUs (`node_cpus`: the largest node's; both default to this machine's cores)."""
+                      node_cpus: float | None = None, nodes: int = 1) -> Resources:
+    """The engines' device and sizes on a cluster of `nodes` nodes with `cluster_gpus` GPUs and
+    `cluster_cpus` CPUs (`node_cpus`: the largest node's; both default to this machine's cores)."""
     device = settings.device
     if device == "auto":
         device = "gpu" if cluster_gpus > 0 else "cpu"
@@ -342,7 +371,8 @@ def resolve_resources(settings: GenerationSettings, cluster_gpus: float, cluster
         kv_cache = 1.0  # vLLM's CPU default reserves far more than a laptop has
     return Resources(device=device, num_gpus=num_gpus, num_cpus=num_cpus, cpu_threads=threads,
                      kv_cache_gib=kv_cache, batches_in_flight=batches,
-                     engine_multiprocessing=engine_multiprocessing(device, engine))
+                     engine_multiprocessing=engine_multiprocessing(device, engine),
+                     commit=commit_mode(settings.output.commit, device, nodes, settings.output.path))
 
 
 
@@ -378,6 +408,9 @@ def _problems(s: dict) -> list[str]:
     need_int("output.rows_per_part", output.get("rows_per_part"), 1)
     need_int("read.rows_per_shard", (s.get("read") or {}).get("rows_per_shard"), 1)
     need_bool("output.overwrite", output.get("overwrite"))
+    if output.get("commit", "auto") not in COMMIT_MODES:
+        problems.append(f"output.commit: must be auto, driver or workers (got {output.get('commit')!r}); "
+                        "workers commits parts in the engine workers, the driver keeping only the ledger")
     need_bool("verbose", s.get("verbose", False))
     need_int("engine.max_model_len", engine.get("max_model_len"), 16)
     need_int("engine.tensor_parallel_size", engine.get("tensor_parallel_size"), 1)

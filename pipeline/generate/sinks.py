@@ -3,6 +3,7 @@
     <output>/.lock                          held by the run writing the folder (see "One writer")
     <output>/job.json                       written first: what the job is (config + input fingerprints)
     <output>/parts/part-00000.parquet ...   committed by rename: a part on disk is always complete
+    <output>/parts/part-w<32 hex>.parquet   a part an engine worker committed (output.commit=workers)
     <output>/manifest.json                  written last: its presence means the job finished
     <output>/report.html                    the job's report page, after the manifest (`report`)
 
@@ -14,10 +15,11 @@ differ from `job.json` is refused with what changed, unless `output.overwrite=tr
 Only files this module (or `part_files`) creates are ever deleted, because `output.path` may be
 any folder, shared with other tools' files:
   - leftovers: `.job.json.tmp-<32 hex>` and `.manifest.json.tmp-<32 hex>` at the top, and
-    `.part-<5+ digits>.parquet.tmp-<32 hex>` in `parts/`, regular files only (symlinks and
-    folders with such names are left alone);
+    `.part-<5+ digits>.parquet.tmp-<32 hex>` and `.part-w<32 hex>.parquet.tmp-<32 hex>` in
+    `parts/`, regular files only (symlinks and folders with such names are left alone);
   - with `output.overwrite=true`, and only in a folder that has a `job.json`: `job.json`,
-    `manifest.json`, `report.html` (it would describe the previous job), the regular files `parts/part-<digits>.parquet`, and the leftovers above.
+    `manifest.json`, `report.html` (it would describe the previous job), the regular files named as
+    parts in `parts/` (`part_files.PART_FILE`), and the leftovers above.
     Everything else (`logs/`, the user's files, `.lock`) stays. A folder without `job.json` that
     holds a `manifest.json` or `parts/part-*.parquet` is not this project's job output, so it is
     refused whatever `overwrite` says. A `parts` that is a symlink or not a folder is refused
@@ -29,6 +31,9 @@ holder (`pipeline.generate.folder_lock`).
 
 Parts are never written over: each is published under the next free `part-<index>` name, and
 indices are parsed as numbers, so part 100000 follows part 99999 (`pipeline.generate.part_files`).
+With `output.commit=workers` the engine workers publish parts named by the rows they hold
+(`pipeline.generate.worker_commit`, made by `committer()`) and the driver `record`s their
+ledger entries instead of adding rows.
 Before `manifest.json` is written, `finish()` checks from the parts' row ranges that every
 planned input row was committed exactly once; a gap or a duplicate stops the job without a
 manifest (`pipeline.generate.coverage`).
@@ -57,9 +62,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
+from pipeline.generate.config import describe_changes
 from pipeline.generate.coverage import check_exactly_once, part_entry
 from pipeline.generate.folder_lock import FolderLock
-from pipeline.generate.part_files import PART_FILE, part_index, part_name, tmp_name, write_part
+from pipeline.generate.part_files import (
+    PART_FILE,
+    PART_LEFTOVER,
+    is_numbered,
+    part_index,
+    part_name,
+    part_sort_key,
+    tmp_name,
+    write_part,
+)
 from pipeline.manifests import iso_time
 
 JOB = "job.json"
@@ -71,7 +86,6 @@ STATS_COLUMNS = ["error", "prompt_tokens", "completion_tokens", "finish_reason",
 # The names `tmp_name` gives to files before they are renamed into place; nothing else is
 # ever cleaned up.
 _TOP_LEFTOVER = re.compile(r"^\.(job\.json|manifest\.json)\.tmp-[0-9a-f]{32}$")
-_PART_LEFTOVER = re.compile(r"^\.part-\d{5,}\.parquet\.tmp-[0-9a-f]{32}$")
 _MAX_PROBLEMS = 10
 
 
@@ -116,6 +130,7 @@ class OutputDir:
         self._pending_rows = 0
         self._lock = self._make_lock()
         self._next: int | None = None  # the next part index, once known
+        self._recorded: set[str] | None = None  # the parts' names, once a worker's part is recorded
 
     @property
     def shown(self) -> str:
@@ -171,6 +186,10 @@ class OutputDir:
         for path in self._leftovers():
             os.remove(path)  # a part, job file or manifest that was being written when a run stopped
 
+    def _remove_own_leftovers(self) -> None:
+        """Before the manifest: what this run's dead workers left half-written. On a disk those
+        are hidden files no reader sees, left for the next run's cleanup; see StoreOutputDir."""
+
     # -- what is on disk -------------------------------------------------------------------------
 
     def _parts_dir(self) -> str:
@@ -199,10 +218,11 @@ class OutputDir:
         return [n for n in names if PART_FILE.match(n)]
 
     def part_files(self) -> list[str]:
-        """The committed parts (regular files named `part-<digits>.parquet`), in index order."""
+        """The committed parts (regular files named as parts, `part_files.PART_FILE`), in
+        `part_sort_key` order."""
         parts = self._parts_dir()
         names = [n for n in self._part_names() if _is_regular(os.path.join(parts, n))]
-        return [os.path.join(parts, n) for n in sorted(names, key=part_index)]
+        return [os.path.join(parts, n) for n in sorted(names, key=part_sort_key)]
 
     def _looks_like_output(self) -> bool:
         parts = self._parts_dir()
@@ -216,7 +236,7 @@ class OutputDir:
         """Files this module was writing when a run stopped (see `part_files.tmp_name`): regular
         files only."""
         found = []
-        for folder, pattern in ((self.path, _TOP_LEFTOVER), (self._parts_dir(), _PART_LEFTOVER)):
+        for folder, pattern in ((self.path, _TOP_LEFTOVER), (self._parts_dir(), PART_LEFTOVER)):
             try:
                 names = os.listdir(folder)
             except FileNotFoundError:
@@ -255,7 +275,7 @@ class OutputDir:
             self._remove_previous_output()
             has_job = False
         has_manifest = self._exists(manifest_file)
-        self.parts = []
+        self.parts, self._recorded = [], None
         if has_job:
             previous = _read_json_object(job_file, "fingerprint", self._read_text)["fingerprint"]
             if not isinstance(previous, dict):
@@ -359,7 +379,7 @@ class OutputDir:
         is listed once per run: with the lock held, no one else adds parts."""
         if self._next is None:
             names = [os.path.basename(p["file"]) for p in self.parts if isinstance(p.get("file"), str)]
-            indices = [part_index(n) for n in names + self._part_names() if PART_FILE.match(n)]
+            indices = [part_index(n) for n in names + self._part_names() if is_numbered(n)]
             self._next = 1 + max(indices, default=-1)
         return self._next
 
@@ -368,6 +388,25 @@ class OutputDir:
         index = write_part(self._parts_dir(), self._next_index(), table)
         self._next = index + 1
         return f"{PARTS}/{part_name(index)}"
+
+    def record(self, entry: dict) -> bool:
+        """Record a part an engine worker committed (`output.commit=workers`): its manifest entry
+        (`file`, `rows`, `covers`), never its rows. An entry for a part already recorded (a batch
+        that Ray did twice, both finding the same part) is ignored; True if it was new."""
+        if self._recorded is None:
+            self._recorded = {p["file"] for p in self.parts if isinstance(p.get("file"), str)}
+        if entry["file"] in self._recorded:
+            return False
+        self._recorded.add(entry["file"])
+        self.parts.append({key: entry[key] for key in ("file", "rows", "covers")})
+        return True
+
+    def committer(self):
+        """What an engine worker commits its parts with (`output.commit=workers`): picklable, and
+        writing into this folder under this run's lock (`pipeline.generate.worker_commit`)."""
+        from pipeline.generate.worker_commit import LocalParts
+
+        return LocalParts(self.path, self._parts_dir(), self._lock.token)
 
     def rewrite_manifest(self, manifest: dict) -> None:
         """Replace the finished job's `manifest.json` whole (`retry=errors` records its attempt)."""
@@ -382,7 +421,7 @@ class OutputDir:
         per row; only the `selected` rows with a limit), or no manifest is written."""
         try:
             self.flush()
-            parts = sorted(self.parts, key=lambda p: (part_index(os.path.basename(p["file"])), p["file"]))
+            parts = sorted(self.parts, key=lambda p: (*part_sort_key(os.path.basename(p["file"])), p["file"]))
             if expected_rows is not None:
                 problems = check_exactly_once(parts, expected_rows, per_row, selected)
                 if problems:
@@ -397,6 +436,7 @@ class OutputDir:
                         "output.overwrite=true to regenerate the output"
                     )
             manifest = {**manifest, "parts": parts}
+            self._remove_own_leftovers()
             self._write_json(self._file(MANIFEST), manifest)
             return manifest
         finally:
@@ -413,23 +453,6 @@ def output_dir(path: str, *, overwrite: bool = False, rows_per_part: int = 1024)
 
         return StoreOutputDir(path, overwrite=overwrite, rows_per_part=rows_per_part)
     return OutputDir(path, overwrite=overwrite, rows_per_part=rows_per_part)
-
-
-def describe_changes(previous: dict, current: dict, prefix: str = "") -> list[str]:
-    """What differs between two job fingerprints, one line per setting or input file."""
-    changes = []
-    for key in sorted(set(previous) | set(current)):
-        name = f"{prefix}{key}"
-        old, new = previous.get(key, "<absent>"), current.get(key, "<absent>")
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes.extend(describe_changes(old, new, f"{name}."))
-        elif old != new:
-            if prefix == "inputs.":
-                what = "is new" if old == "<absent>" else "is gone" if new == "<absent>" else "changed"
-                changes.append(f"input file {key} {what}")
-            else:
-                changes.append(f"{name}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}")
-    return changes
 
 
 def _is_regular(path: str) -> bool:

@@ -36,6 +36,24 @@ def untag_node(table: pa.Table) -> tuple[pa.Table, str | None]:
     return table.replace_schema_metadata(metadata or None), node.decode()
 
 
+def batch_counts(batch: pa.Table) -> dict:
+    """What `RunStats` counts of a batch of output rows, as plain data: rows, errors, tokens,
+    tool-call parses and finish reasons."""
+    counts: dict = {
+        "rows": batch.num_rows,
+        "errors": batch.num_rows - batch.column("error").null_count,
+        "prompt_tokens": int(pc.sum(batch.column("prompt_tokens")).as_py() or 0),
+        "completion_tokens": int(pc.sum(batch.column("completion_tokens")).as_py() or 0),
+    }
+    for name, column in (("tool_parse", "tool_parse"), ("finish_reasons", "finish_reason")):
+        found: dict = {}
+        for value in batch.column(column).to_pylist():
+            if value is not None:
+                found[value] = found.get(value, 0) + 1
+        counts[name] = found
+    return counts
+
+
 @dataclass
 class RunStats:
     total_rows: int
@@ -58,23 +76,26 @@ class RunStats:
     nodes: dict = field(default_factory=dict)
 
     def add(self, batch: pa.Table, resumed: bool = False, node: str | None = None) -> None:
+        self.add_counts(batch_counts(batch), resumed=resumed, node=node)
+
+    def add_counts(self, counts: dict, resumed: bool = False, node: str | None = None) -> None:
+        """Count a batch by its `batch_counts` (all a worker-committed part's ledger entry carries)."""
+        rows, completion = counts["rows"], counts["completion_tokens"]
         if node is not None:
-            self.nodes[node] = self.nodes.get(node, 0) + batch.num_rows
-        completion = int(pc.sum(batch.column("completion_tokens")).as_py() or 0)
+            self.nodes[node] = self.nodes.get(node, 0) + rows
         if resumed:
-            self.resumed_rows += batch.num_rows
+            self.resumed_rows += rows
             self.resumed_completion_tokens += completion
-        elif self.first_row_s is None and batch.num_rows:
+        elif self.first_row_s is None and rows:
             self.first_row_s = time.perf_counter() - self.started
-        self.rows += batch.num_rows
-        self.errors += batch.num_rows - batch.column("error").null_count
-        self.prompt_tokens += int(pc.sum(batch.column("prompt_tokens")).as_py() or 0)
+        self.rows += rows
+        self.errors += counts["errors"]
+        self.prompt_tokens += counts["prompt_tokens"]
         self.completion_tokens += completion
-        for name, target in (("tool_parse", self.tool_parse), ("finish_reason", self.finish_reasons)):
-            for value in batch.column(name).to_pylist():
-                if value is not None:
-                    target[value] = target.get(value, 0) + 1
-        if not resumed and batch.num_rows:
+        for name, target in (("tool_parse", self.tool_parse), ("finish_reasons", self.finish_reasons)):
+            for value, count in counts[name].items():
+                target[value] = target.get(value, 0) + count
+        if not resumed and rows:
             self._record()
 
     def counts(self) -> dict:

@@ -18,6 +18,11 @@ of `<output>/parts` never sees a half-written or an uncommitted part. A killed r
 most a staged object, which the next run deletes (with the lease held); committed parts
 record their input rows, so the rerun generates exactly the rest.
 
+With `output.commit=workers` each engine worker commits its batches' parts the same way
+(`pipeline.generate.worker_commit.StoreParts`): staged under the driver's lease token, copied
+into `parts/` only while that lease is the driver's; `finish()` deletes what dead workers left
+staged before it writes the manifest.
+
 JSON files are single PUTs: an object appears whole. Deletions are limited to what the local
 folder deletes (sinks' module docstring), with `.staging/` in place of the hidden temporary
 files.
@@ -100,6 +105,10 @@ class StoreOutputDir(OutputDir):
     def _remove_leftovers(self) -> None:
         self.location.join(STAGING).delete()
 
+    def _remove_own_leftovers(self) -> None:
+        # Staged objects of this run's workers that died before publishing (output.commit=workers).
+        self.location.join(STAGING, self._lock.token or "unlocked").delete()
+
     def _remove_previous_output(self) -> None:
         for name in (JOB, MANIFEST, REPORT):
             self.location.join(name).delete()
@@ -110,16 +119,39 @@ class StoreOutputDir(OutputDir):
     def _commit_part(self, table: pa.Table) -> str:
         index = self._next_index()
         staged = self.location.join(STAGING, self._lock.token or "unlocked", part_name(index))
-        fs = self.location.filesystem
-        pq.write_table(table, staged.path, filesystem=fs)
-        with fs.open_input_file(staged.path) as f:
-            written = pq.ParquetFile(f).metadata.num_rows
-        if written != table.num_rows:
-            raise OSError(f"{staged.shown} holds {written} rows after writing {table.num_rows}")
+        stage_part(staged, table)
         while self.location.join(PARTS, part_name(index)).exists():
             index += 1  # the name is taken: a part is never written over
-        self._lock.check()
-        fs.copy_file(staged.path, self.location.join(PARTS, part_name(index)).path)
-        staged.delete()
+        publish_staged(staged, self.location.join(PARTS, part_name(index)), self._lock.check)
         self._next = index + 1
         return f"{PARTS}/{part_name(index)}"
+
+    def committer(self):
+        from pipeline.generate.worker_commit import StoreParts
+
+        return StoreParts(self.location, self._lock.token)
+
+
+def stage_part(staged: storage.Location, table: pa.Table) -> None:
+    """Write `table` to the staging object `staged` and read its footer back: it must hold the
+    rows it was written with before it may be copied into parts/."""
+    fs = staged.filesystem
+    pq.write_table(table, staged.path, filesystem=fs)
+    with fs.open_input_file(staged.path) as f:
+        written = pq.ParquetFile(f).metadata.num_rows
+    if written != table.num_rows:
+        raise OSError(f"{staged.shown} holds {written} rows after writing {table.num_rows}")
+
+
+def publish_staged(staged: storage.Location, final: storage.Location, check_lease) -> bool:
+    """Copy the staged part to `final` (the store's own copy: the object appears whole) unless
+    that name exists, once `check_lease()` confirms the run still holds the folder; the staged
+    object is deleted either way. True if this call published it."""
+    try:
+        if final.exists():
+            return False
+        check_lease()
+        staged.filesystem.copy_file(staged.path, final.path)
+        return True
+    finally:
+        staged.delete()

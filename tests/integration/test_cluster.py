@@ -139,6 +139,9 @@ def check_output(output: str, on_s3: dict, cluster: dict) -> dict:
     # Both engines answered rows, one on each node.
     assert set(manifest["nodes"]) == set(cluster["nodes"]) and all(n > 0 for n in manifest["nodes"].values())
     assert sum(manifest["nodes"].values()) == ROWS
+    # Two nodes and an output on S3: each engine committed its own parts (output.commit auto).
+    assert manifest["resources"]["commit"] == "workers"
+    assert all(p["file"].startswith("parts/part-w") for p in manifest["parts"])
     return manifest
 
 

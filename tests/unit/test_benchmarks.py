@@ -270,11 +270,15 @@ def test_the_report_prints_the_driver_scale_figures():
                  "files_per_s": 20.0, "peak_rss_gib": 1.0, "rise_rss_gib": 0.1}]},
             "commit": {"rows": 100, "batch_rows": 64, "answer": "positive", "runs": [
                 {"name": "commit, sink only", "rows_per_part": 1024, "rows": 100, "seconds": 0.01, "rows_per_s": 10000,
-                 "parts": 1, "peak_rss_gib": 1.0, "rise_rss_gib": 0.0}]},
+                 "parts": 1, "peak_rss_gib": 1.0, "rise_rss_gib": 0.0},
+                {"name": "commit, through Ray Data, worker commits", "rows_per_part": 64, "rows": 100, "seconds": 0.5,
+                 "rows_per_s": 200, "parts": 2, "peak_rss_gib": 1.0, "rise_rss_gib": 0.0,
+                 "driver_cpu_us_per_row": 42.5, "load_avg": 3.0}]},
         },
     }
     text = report(results)
     assert "planning 10 files / 100 rows" in text and "Driver scale, no engine" in text and "10,000" in text and "commit, sink only" in text
+    assert "worker commits" in text and "42.5" in text  # the driver's CPU per row, where measured
 
 
 def test_gpu_runs_leave_the_engine_sizes_to_the_jobs_gpu_settings():

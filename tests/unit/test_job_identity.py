@@ -14,7 +14,7 @@ import pytest
 from pipeline.generate.config import adapters_for, check_inputs_outside_output, fingerprint, model_fingerprint
 from pipeline.generate.settings import ConfigError, ModelSettings, resolve_resources
 from pipeline.generate.planning import plan_shards
-from pipeline.generate.sinks import describe_changes
+from pipeline.generate.config import describe_changes
 from tests.unit.test_configs import composed, generation_settings
 
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
