@@ -288,8 +288,8 @@ def limit_rows(plan: ShardPlan, limit: int) -> dict[str, list[int]]:
 
 def file_fingerprints(files: list[str], root: str, rows_in: dict[str, int]) -> dict[str, str]:
     """Each input file's content identity, by its name relative to `root` (see file_fingerprint).
-    Files are hashed a few at a time: reading them is most of the cost, and storage serves
-    several reads at once."""
+    Files are fingerprinted a few at a time: reading local files (or asking a store about its
+    objects) is most of the cost, and storage serves several requests at once."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
         sources = [storage.relative_name(f, root) for f in files]
         digests = pool.map(lambda pair: file_fingerprint(pair[0], rows_in[pair[1]]), zip(files, sources))
@@ -297,14 +297,23 @@ def file_fingerprints(files: list[str], root: str, rows_in: dict[str, int]) -> d
 
 
 def file_fingerprint(uri: str, num_rows: int) -> str:
-    """What identifies a file's content for resuming: its row count and a hash of every byte.
+    """What identifies a file's content for resuming: its row count, and
 
-    Any edit (two prompts swapped, one changed for another of the same length) changes it, while
-    copying or touching the file does not. Streamed, so a file of any size is read once in
-    pieces; next to generating its rows, reading them once more costs little.
+    * a local file: a hash of every byte. Any edit (two prompts swapped, one changed for another
+      of the same length) changes it, while copying or touching the file does not. Streamed, so a
+      file of any size is read once in pieces.
+    * an object on a store that reports when each object was written (S3, GCS, Azure, HDFS through
+      pyarrow): its size and that time, from one metadata request, without reading the object.
+      Objects are written whole, and rewriting one (even with the same bytes) gives it a new
+      time, so a changed input is still refused on resume; copying one is refused too. A store
+      that reports no time (some fsspec stores) is hashed like a local file.
     """
-    digest = hashlib.sha256()
     location = storage.resolve(uri, "input")
+    if not location.is_local:
+        info = location.info()
+        if info.mtime is not None and info.size is not None:
+            return f"{num_rows}:store:{info.size}:{info.mtime_ns}"
+    digest = hashlib.sha256()
     with location.filesystem.open_input_stream(location.path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.generate.planning import InputError, Shard, plan_shards, request_column_problem
+from pipeline.generate.planning import InputError, Shard, file_fingerprint, plan_shards, request_column_problem
 from pipeline.prompts import ChatTemplate, LiteralSpecialTokens
 from pipeline.generate.prepare import Preparer, canonical_block, column_cells
 
@@ -258,6 +258,49 @@ def test_file_fingerprint_sees_swapped_rows(tmp_path):
     pq.write_table(pa.table({"prompt": prompts}), path, row_group_size=5000)
     assert os.path.getsize(path) > 65536
     assert plan_shards(str(path)).fingerprints != before
+
+
+def test_objects_on_a_store_are_identified_by_its_metadata_when_it_reports_write_times():
+    """A store that reports when each object was written: its size and that time, without reading
+    the object; rewritten, it is another input. A store that reports no time (fsspec's memory
+    store) is read and hashed like a local file."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class TimedStore(MemoryFileSystem):
+        protocol = "timedstore"
+        writes: dict = {}
+        readable = True
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(path.removeprefix("timedstore://"))
+
+        def info(self, path, **kwargs):
+            return {**super().info(path, **kwargs), "mtime": self.writes.get(self._strip_protocol(path), 0)}
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "r" in mode and not self.readable:
+                raise AssertionError("the object was read")
+            return super()._open(path, mode, **kwargs)
+
+    fsspec.register_implementation("timedstore", TimedStore, clobber=True)
+    store = fsspec.filesystem("timedstore")
+    try:
+        for name in ("timedstore://timed/a.parquet", "memory://plain/a.parquet"):
+            with fsspec.open(name, "wb") as f:
+                pq.write_table(pa.table({"prompt": ["a", "b"]}), f)
+        TimedStore.writes["/timed/a.parquet"] = 1_700_000_000.0
+        size = store.info("/timed/a.parquet")["size"]
+        assert plan_shards("timedstore://timed/a.parquet").fingerprints == {"a.parquet": f"2:store:{size}:1700000000000000000"}
+        TimedStore.readable = False
+        assert file_fingerprint("timedstore://timed/a.parquet", 2) == f"2:store:{size}:1700000000000000000"
+        TimedStore.writes["/timed/a.parquet"] = 1_700_000_001.0  # written again, same bytes
+        assert file_fingerprint("timedstore://timed/a.parquet", 2) != f"2:store:{size}:1700000000000000000"
+        assert file_fingerprint("memory://plain/a.parquet", 2).startswith("2:sha256:")
+    finally:  # fsspec's memory stores share one dict of objects
+        for folder in ("/timed", "/plain"):
+            store.rm(folder, recursive=True)
 
 
 def test_a_huge_row_group_is_split_into_shards(tmp_path):
