@@ -80,6 +80,7 @@ class TreeMemory:
         procs = self._procs()
         cpu: dict[int, tuple[str, float]] = {}
         by_kind: dict[str, int] = {}
+        pss_by_kind: dict[str, int] = {}
         for p in procs:
             try:
                 if pss:
@@ -95,9 +96,12 @@ class TreeMemory:
                 cpu[p.pid] = (kind, t.user + t.system)
                 group = memory_group(kind)
                 by_kind[group] = by_kind.get(group, 0) + info.rss
+                if pss:
+                    pss_by_kind[group] = pss_by_kind.get(group, 0) + info.pss
             except self._psutil.Error:  # exited between listing and reading
                 continue
-        return {"rss": rss, "pss": pss_sum if pss else None, "procs": len(procs), "cpu": cpu, "by_kind": by_kind}
+        return {"rss": rss, "pss": pss_sum if pss else None, "procs": len(procs), "cpu": cpu, "by_kind": by_kind,
+                "pss_by_kind": pss_by_kind}
 
     def _account(self, s: dict) -> None:
         """Add the CPU time used since the last sample to every open window, by process kind."""
@@ -141,6 +145,7 @@ class TreeMemory:
         start = self.sample(pss=True)
         w = {"start_rss": start["rss"], "start_pss": start["pss"], "peak_rss": start["rss"],
              "peak_pss": start["pss"], "peak_procs": start["procs"], "cpu_s": {}, "peak_rss_by_kind": {},
+             "peak_pss_by_kind": {},
              "_pids_at_start": {pid: t for pid, (_, t) in start["cpu"].items()}, "_seen": set(),
              "_t0": time.perf_counter()}
         with self.lock:
@@ -197,10 +202,12 @@ def memory_group(kind: str) -> str:
 
 
 def peak_by_kind(w: dict, s: dict) -> None:
-    """Raise the window's peak RSS of each kind of process (summed over the processes of that
-    kind in one sample) to the sample's."""
-    for kind, rss in s["by_kind"].items():
-        w["peak_rss_by_kind"][kind] = max(w["peak_rss_by_kind"].get(kind, 0), rss)
+    """Raise the window's peak RSS (and PSS) of each group of processes (summed over the group's
+    processes in one sample) to the sample's. PSS tells a short-lived fork of a big process (to
+    start a compiler, say), which RSS counts at the size of the pages it shares, from growth."""
+    for key, peaks in (("by_kind", w["peak_rss_by_kind"]), ("pss_by_kind", w["peak_pss_by_kind"])):
+        for kind, size in s[key].items():
+            peaks[kind] = max(peaks.get(kind, 0), size)
 
 
 def memory_figures(w: dict) -> Memory:
@@ -214,6 +221,11 @@ def memory_figures(w: dict) -> Memory:
         peak_pss_gib=round(w["peak_pss"] / GiB, 3),
         rise_pss_gib=round((w["peak_pss"] - w["start_pss"]) / GiB, 3),
         peak_processes=w["peak_procs"],
-        peak_rss_by_kind_gib={k: round(v / GiB, 3) for k, v in sorted(w["peak_rss_by_kind"].items(), key=lambda kv: -kv[1])
-                              if v >= 0.01 * GiB},
+        peak_rss_by_kind_gib=by_size(w["peak_rss_by_kind"]),
+        peak_pss_by_kind_gib=by_size(w["peak_pss_by_kind"]),
     )
+
+
+def by_size(sizes: dict) -> dict:
+    """Bytes by group as GiB, largest first, leaving out groups under 10 MiB."""
+    return {k: round(v / GiB, 3) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1]) if v >= 0.01 * GiB}

@@ -46,10 +46,10 @@ def memory_scan(args, model_path: str, workdir: Path, mem: TreeMemory, time_left
             key = "" if contender == "job" else f"{contender}_"
             out[f"{key}peak_rss_last_over_first"] = ratio(last.peak_rss_gib, first.peak_rss_gib)
             out[f"{key}peak_pss_last_over_first"] = ratio(last.peak_pss_gib, first.peak_pss_gib)
-            kinds = {**first.peak_rss_by_kind_gib, **last.peak_rss_by_kind_gib}
-            out[f"{key}rise_by_kind_gib"] = {
-                kind: round(last.peak_rss_by_kind_gib.get(kind, 0) - first.peak_rss_by_kind_gib.get(kind, 0), 3)
-                for kind in kinds}
+            for figure in ("rss", "pss"):
+                a, b = getattr(first, f"peak_{figure}_by_kind_gib"), getattr(last, f"peak_{figure}_by_kind_gib")
+                out[f"{key}{figure}_rise_by_kind_gib"] = {kind: round(b.get(kind, 0) - a.get(kind, 0), 3)
+                                                          for kind in {**a, **b}}
     return out
 
 

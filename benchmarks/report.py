@@ -98,13 +98,14 @@ def memory_scan_section(ms: dict) -> list[str]:
     if "bare_peak_rss_last_over_first" in ms:
         lines.append(f"bare vLLM: peak RSS last/first {ms['bare_peak_rss_last_over_first']}, "
                      f"peak PSS last/first {ms['bare_peak_pss_last_over_first']}")
-    lines.append("each kind of process's own peak RSS, GiB:")
-    lines += [f"  {r['name']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.get("peak_rss_by_kind_gib", {}).items())
-              for r in ms["runs"]]
-    for key, who in (("rise_by_kind_gib", "job"), ("bare_rise_by_kind_gib", "bare vLLM")):
-        if ms.get(key):
-            lines.append(f"{who}, last over first run, by process: "
-                         + ", ".join(f"{k} {v:+.2f}" for k, v in ms[key].items()))
+    for figure in ("rss", "pss"):
+        lines.append(f"each group of processes' own peak {figure.upper()}, GiB:")
+        lines += [f"  {r['name']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.get(f"peak_{figure}_by_kind_gib", {}).items())
+                  for r in ms["runs"]]
+        for key, who in ((f"{figure}_rise_by_kind_gib", "job"), (f"bare_{figure}_rise_by_kind_gib", "bare vLLM")):
+            if ms.get(key):
+                lines.append(f"{who}, last over first run, {figure.upper()} by group: "
+                             + ", ".join(f"{k} {v:+.2f}" for k, v in sorted(ms[key].items(), key=lambda kv: -abs(kv[1]))))
     return lines
 
 

@@ -314,7 +314,7 @@ def test_each_group_of_processes_gets_its_own_peak(tmp_path):
 
     from benchmarks.memory import TreeMemory, memory_figures
 
-    mem = TreeMemory(interval=0.05)
+    mem = TreeMemory(interval=0.05, pss_every=0.1)
     try:
         with mem.window("child") as w:
             subprocess.run([sys.executable, "-c", "import time; b = bytearray(200 * 2**20); time.sleep(1.0)"],
@@ -325,6 +325,7 @@ def test_each_group_of_processes_gets_its_own_peak(tmp_path):
     assert figures.peak_rss_by_kind_gib["python -c (script)"] >= 200 / 1024
     assert "driver (this process)" in figures.peak_rss_by_kind_gib
     assert figures.peak_rss_gib >= figures.peak_rss_by_kind_gib["python -c (script)"]
+    assert 0 < figures.peak_pss_by_kind_gib["python -c (script)"] <= figures.peak_rss_by_kind_gib["python -c (script)"]
 
 
 def test_the_memory_scan_runs_the_job_and_bare_vllm_unless_told_and_reports_both():
@@ -339,9 +340,9 @@ def test_the_memory_scan_runs_the_job_and_bare_vllm_unless_told_and_reports_both
         "memory_scan": {"runs": [{"name": "job, 10 rows", "rows": 10, **memory}, {"name": "bare vLLM, 10 rows", **memory}],
                         "peak_rss_last_over_first": 1.05, "peak_pss_last_over_first": 1.04,
                         "bare_peak_rss_last_over_first": 1.3, "bare_peak_pss_last_over_first": 1.4,
-                        "rise_by_kind_gib": {"engine actor": 0.25}},
+                        "rss_rise_by_kind_gib": {"engine actor": 0.25}},
     }
     text = report(results)
     for line in ("job: peak RSS last/first 1.05", "bare vLLM: peak RSS last/first 1.3", "engine actor 2.00, raylet 0.10",
-                 "job, last over first run, by process: engine actor +0.25"):
+                 "job, last over first run, RSS by group: engine actor +0.25"):
         assert line in text
