@@ -296,20 +296,24 @@ def file_fingerprints(files: list[str], root: str, rows_in: dict[str, int]) -> d
         return dict(zip(sources, digests))
 
 
+# pyarrow's filesystems (`type_name`) whose files are objects: written whole, never edited in place,
+# and stamped with the time of each write (S3, Google Cloud Storage, Azure Blob Storage).
+OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
+
+
 def file_fingerprint(uri: str, num_rows: int) -> str:
     """What identifies a file's content for resuming: its row count, and
 
-    * a local file: a hash of every byte. Any edit (two prompts swapped, one changed for another
-      of the same length) changes it, while copying or touching the file does not. Streamed, so a
-      file of any size is read once in pieces.
-    * an object on a store that reports when each object was written (S3, GCS, Azure, HDFS through
-      pyarrow): its size and that time, from one metadata request, without reading the object.
-      Objects are written whole, and rewriting one (even with the same bytes) gives it a new
-      time, so a changed input is still refused on resume; copying one is refused too. A store
-      that reports no time (some fsspec stores) is hashed like a local file.
+    * an object on an object store (`OBJECT_STORES`): its size and the time it was written, from
+      one metadata request, without reading it. Rewriting an object (even with the same bytes)
+      gives it a new time, so a changed input is still refused on resume; so is a copy.
+    * any other file (local, or on a store whose files can be edited in place or that reports no
+      write time): a hash of every byte. Any edit (two prompts swapped, one changed for another
+      of the same length) changes it, while copying or touching the file does not. Streamed, so
+      a file of any size is read once in pieces.
     """
     location = storage.resolve(uri, "input")
-    if not location.is_local:
+    if location.filesystem.type_name in OBJECT_STORES:
         info = location.info()
         if info.mtime is not None and info.size is not None:
             return f"{num_rows}:store:{info.size}:{info.mtime_ns}"

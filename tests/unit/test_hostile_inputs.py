@@ -260,12 +260,15 @@ def test_file_fingerprint_sees_swapped_rows(tmp_path):
     assert plan_shards(str(path)).fingerprints != before
 
 
-def test_objects_on_a_store_are_identified_by_its_metadata_when_it_reports_write_times():
-    """A store that reports when each object was written: its size and that time, without reading
-    the object; rewritten, it is another input. A store that reports no time (fsspec's memory
-    store) is read and hashed like a local file."""
+def test_objects_on_an_object_store_are_identified_by_its_metadata(monkeypatch):
+    """An object store: an object's size and write time, without reading it; written again (same
+    bytes), it is another input. The same store taken for one whose files may be edited in place,
+    and a store that reports no write time (fsspec's memory store), are read and hashed."""
     import fsspec
     from fsspec.implementations.memory import MemoryFileSystem
+
+    from pipeline import storage
+    from pipeline.generate import planning
 
     class TimedStore(MemoryFileSystem):
         protocol = "timedstore"
@@ -286,19 +289,23 @@ def test_objects_on_a_store_are_identified_by_its_metadata_when_it_reports_write
 
     fsspec.register_implementation("timedstore", TimedStore, clobber=True)
     store = fsspec.filesystem("timedstore")
+    uri = "timedstore://timed/a.parquet"
     try:
-        for name in ("timedstore://timed/a.parquet", "memory://plain/a.parquet"):
+        for name in (uri, "memory://plain/a.parquet"):
             with fsspec.open(name, "wb") as f:
                 pq.write_table(pa.table({"prompt": ["a", "b"]}), f)
         TimedStore.writes["/timed/a.parquet"] = 1_700_000_000.0
+        assert file_fingerprint(uri, 2).startswith("2:sha256:")  # not one of the object stores
+        monkeypatch.setattr(planning, "OBJECT_STORES", {storage.resolve(uri).filesystem.type_name})
         size = store.info("/timed/a.parquet")["size"]
-        assert plan_shards("timedstore://timed/a.parquet").fingerprints == {"a.parquet": f"2:store:{size}:1700000000000000000"}
+        assert plan_shards(uri).fingerprints == {"a.parquet": f"2:store:{size}:1700000000000000000"}
         TimedStore.readable = False
-        assert file_fingerprint("timedstore://timed/a.parquet", 2) == f"2:store:{size}:1700000000000000000"
+        assert file_fingerprint(uri, 2) == f"2:store:{size}:1700000000000000000"
         TimedStore.writes["/timed/a.parquet"] = 1_700_000_001.0  # written again, same bytes
-        assert file_fingerprint("timedstore://timed/a.parquet", 2) != f"2:store:{size}:1700000000000000000"
+        assert file_fingerprint(uri, 2) != f"2:store:{size}:1700000000000000000"
         assert file_fingerprint("memory://plain/a.parquet", 2).startswith("2:sha256:")
     finally:  # fsspec's memory stores share one dict of objects
+        TimedStore.readable = True
         for folder in ("/timed", "/plain"):
             store.rm(folder, recursive=True)
 
