@@ -92,9 +92,10 @@ def train_section(tr: dict) -> list[str]:
 
 
 def memory_scan_section(ms: dict) -> list[str]:
-    lines = ["\nMemory scan (whole process tree)", table(ms["runs"], MAIN_COLUMNS),
-             f"job: peak RSS last/first {ms.get('peak_rss_last_over_first')}, "
-             f"peak PSS last/first {ms.get('peak_pss_last_over_first')}"]
+    lines = ["\nMemory scan (whole process tree)", table(ms["runs"], MAIN_COLUMNS)]
+    if "peak_rss_last_over_first" in ms:
+        lines.append(f"job: peak RSS last/first {ms['peak_rss_last_over_first']}, "
+                     f"peak PSS last/first {ms['peak_pss_last_over_first']}")
     if "bare_peak_rss_last_over_first" in ms:
         lines.append(f"bare vLLM: peak RSS last/first {ms['bare_peak_rss_last_over_first']}, "
                      f"peak PSS last/first {ms['bare_peak_pss_last_over_first']}")
