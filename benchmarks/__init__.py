@@ -3,7 +3,7 @@
     python -m benchmarks                           # bare vLLM, the job, Ray Data LLM, LoRA, training, labelling
     python -m benchmarks --rows 512 --max-tokens 128 --repeats 2 --out results.json
     python -m benchmarks --phases bare,job --job-set batch_size=256    # try a job setting
-    python -m benchmarks --memory-scan             # the job's peak memory at 1k and 20k rows
+    python -m benchmarks --memory-scan             # peak memory at 1k, 5k and 20k rows: the job, bare vLLM
     python -m benchmarks --phases label            # rows sharing a ~1,000-token instruction, short answers
     python -m benchmarks --driver-scale            # planning 10,000 files, committing 1 M rows, no engine
 
@@ -31,7 +31,8 @@ comparisons on a GPU with the job's GPU settings.
 Each contender's wall time includes starting its engine, since a batch job pays that too; the
 bare engine's start-up is also shown on its own. Memory is the summed RSS (and PSS) of this
 process and all its descendants (Ray's daemons, its workers, engine subprocesses), sampled in
-a background thread; each run reports the peak and its rise over the run's start.
+a background thread; each run reports the peak and its rise over the run's start, and each
+group of processes' own peak (the driver, the engine actors, Ray's workers and daemons).
 
 The machine is usually shared, so ratios are taken within one repeat (the contenders of a
 repeat run back to back, in an order rotated between repeats) and summarised by their median.

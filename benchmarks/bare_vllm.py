@@ -63,25 +63,34 @@ from vllm.inputs import TokensPrompt
 imported = time.perf_counter()
 spec = json.load(open(sys.argv[1]))
 table = pq.read_table(spec["prepared"], columns=["_id", "_prompt_token_ids", "_params"])
-prompts = [TokensPrompt(prompt_token_ids=t) for t in table.column("_prompt_token_ids").to_pylist()]
-params = [SamplingParams(**json.loads(p)) for p in table.column("_params").to_pylist()]
+chunk = spec.get("chunk") or table.num_rows
 started = time.perf_counter()
 llm = LLM(**spec["engine_kwargs"])
 ready = time.perf_counter()
-outputs = llm.generate(prompts, params, use_tqdm=False)
+texts, output_tokens, prompt_tokens = {}, 0, 0
+for first in range(0, table.num_rows, chunk):
+    rows = table.slice(first, chunk)
+    prompts = [TokensPrompt(prompt_token_ids=t) for t in rows.column("_prompt_token_ids").to_pylist()]
+    params = [SamplingParams(**json.loads(p)) for p in rows.column("_params").to_pylist()]
+    for row_id, o in zip(rows.column("_id").to_pylist(), llm.generate(prompts, params, use_tqdm=False)):
+        output_tokens += len(o.outputs[0].token_ids)
+        prompt_tokens += len(o.prompt_token_ids)
+        if spec["keep_texts"]:
+            texts[row_id] = o.outputs[0].text
 finished = time.perf_counter()
 json.dump({"import_s": imported - began, "engine_start_s": ready - started, "generate_s": finished - ready,
-           "texts": dict(zip(table.column("_id").to_pylist(), [o.outputs[0].text for o in outputs])),
-           "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
-           "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs)}, open(spec["out"], "w"))
+           "texts": texts, "output_tokens": output_tokens, "prompt_tokens": prompt_tokens}, open(spec["out"], "w"))
 """
 
 
-def run_bare(prepared, engine_kwargs: dict, mem: TreeMemory, workdir=None) -> RunResult:
+def run_bare(prepared, engine_kwargs: dict, mem: TreeMemory, workdir=None, chunk: int | None = None,
+             keep_texts: bool = True) -> RunResult:
     """A bare vLLM script, in a process of its own (as a user runs one): it imports vLLM, starts an
     engine with `engine_kwargs` and generates the `prepared` rows (a table of the job's prepared
-    columns) in one call. Its own process, so that nothing of the benchmark (the memory sampler's
-    thread, Ray's driver) shares the engine's interpreter and GIL."""
+    columns) in one call, or (`chunk`) one `generate()` call per `chunk` rows, holding no row's
+    request or answer past its call unless `keep_texts` (the texts, for comparing with the job).
+    Its own process, so that nothing of the benchmark (the memory sampler's thread, Ray's driver)
+    shares the engine's interpreter and GIL."""
     import tempfile
     from pathlib import Path
 
@@ -91,7 +100,7 @@ def run_bare(prepared, engine_kwargs: dict, mem: TreeMemory, workdir=None) -> Ru
         folder = Path(tmp)
         pq.write_table(prepared.select(["_id", "_prompt_token_ids", "_params"]), folder / "prepared.parquet")
         spec = {"prepared": str(folder / "prepared.parquet"), "engine_kwargs": engine_kwargs,
-                "out": str(folder / "result.json")}
+                "out": str(folder / "result.json"), "chunk": chunk, "keep_texts": keep_texts}
         (folder / "spec.json").write_text(json.dumps(spec))
         mem.settle()
         with mem.window(NAME) as w:

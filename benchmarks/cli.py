@@ -70,11 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-scan", action="store_true", help="only the job's peak memory at --scan-rows")
     p.add_argument("--scan-rows", default="1000,5000,20000", help="row counts of --memory-scan")
     p.add_argument("--scan-max-tokens", type=int, default=4, help="output tokens per row in --memory-scan")
+    p.add_argument("--scan-contenders", default="job,bare",
+                   help="what --memory-scan runs at each row count: job, bare (vLLM, same rows, same measurement)")
     p.add_argument("--workdir", default=None, help="where inputs/outputs go (default: a temporary folder, removed)")
     p.add_argument("--out", default=None, help="write every figure as JSON here")
     p.add_argument("--time-limit", type=float, default=3600, help="skip phases not started within this many seconds")
     args = p.parse_args(argv)
     args.phases = [x.strip() for x in args.phases.split(",") if x.strip()]
+    args.scan_contenders = [x.strip() for x in args.scan_contenders.split(",") if x.strip()]
     if args.device == "cpu":
         args.kv_cache_gib = 1.0 if args.kv_cache_gib is None else args.kv_cache_gib
         args.max_num_seqs = args.max_num_seqs or 256
@@ -82,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.phases) - set(PHASES)
     if unknown:
         p.error(f"unknown phase(s) {sorted(unknown)}; pick from {','.join(PHASES)}")
+    if set(args.scan_contenders) - {"job", "bare"}:
+        p.error(f"--scan-contenders: pick from job,bare (got {','.join(args.scan_contenders)})")
     return args
 
 

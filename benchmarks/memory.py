@@ -64,10 +64,14 @@ class TreeMemory:
         if first.startswith("ray::"):
             # Ray's process titles: "ray::MapWorker(MapBatches(GenerationWorker)).__init__" etc.
             return re.sub(r"\)\.\w+$", ")", first.split(" ")[0])
-        if "setup_worker.py" in " ".join(cmd):
-            return "ray worker (starting)"
         if not name.startswith("python"):
             return name  # raylet, gcs_server, or a retitled process such as vLLM's engine core
+        if "setup_worker.py" in " ".join(cmd):
+            return "ray worker (starting)"
+        if "-m" in cmd[1:-1]:  # python -m jobs.generate: the job's driver
+            return f"python -m {cmd[cmd.index('-m', 1) + 1]}"
+        if "-c" in cmd[1:-1]:  # a script handed to the interpreter (bare vLLM's)
+            return "python -c (script)"
         script = next((c for c in cmd[1:] if c.endswith(".py")), None)
         return os.path.basename(script) if script else f"python ({name})"
 
@@ -75,6 +79,8 @@ class TreeMemory:
         rss = pss_sum = 0
         procs = self._procs()
         cpu: dict[int, tuple[str, float]] = {}
+        by_kind: dict[str, int] = {}
+        pss_by_kind: dict[str, int] = {}
         for p in procs:
             try:
                 if pss:
@@ -82,13 +88,20 @@ class TreeMemory:
                     rss += info.rss
                     pss_sum += info.pss
                 else:
-                    rss += p.memory_info().rss
+                    info = p.memory_info()
+                    rss += info.rss
                 t = p.cpu_times()
                 # Recomputed each time: Ray retitles a worker once it takes an actor or task.
-                cpu[p.pid] = (self._kind(p), t.user + t.system)
+                kind = self._kind(p)
+                cpu[p.pid] = (kind, t.user + t.system)
+                group = memory_group(kind)
+                by_kind[group] = by_kind.get(group, 0) + info.rss
+                if pss:
+                    pss_by_kind[group] = pss_by_kind.get(group, 0) + info.pss
             except self._psutil.Error:  # exited between listing and reading
                 continue
-        return {"rss": rss, "pss": pss_sum if pss else None, "procs": len(procs), "cpu": cpu}
+        return {"rss": rss, "pss": pss_sum if pss else None, "procs": len(procs), "cpu": cpu, "by_kind": by_kind,
+                "pss_by_kind": pss_by_kind}
 
     def _account(self, s: dict) -> None:
         """Add the CPU time used since the last sample to every open window, by process kind."""
@@ -120,6 +133,7 @@ class TreeMemory:
                     if s["pss"] is not None:
                         w["peak_pss"] = max(w["peak_pss"], s["pss"])
                     w["peak_procs"] = max(w["peak_procs"], s["procs"])
+                    peak_by_kind(w, s)
                 label = self.label
             if label and now - last_beat >= self.heartbeat:
                 last_beat = now
@@ -130,7 +144,8 @@ class TreeMemory:
     def window(self, label: str):
         start = self.sample(pss=True)
         w = {"start_rss": start["rss"], "start_pss": start["pss"], "peak_rss": start["rss"],
-             "peak_pss": start["pss"], "peak_procs": start["procs"], "cpu_s": {},
+             "peak_pss": start["pss"], "peak_procs": start["procs"], "cpu_s": {}, "peak_rss_by_kind": {},
+             "peak_pss_by_kind": {},
              "_pids_at_start": {pid: t for pid, (_, t) in start["cpu"].items()}, "_seen": set(),
              "_t0": time.perf_counter()}
         with self.lock:
@@ -146,6 +161,7 @@ class TreeMemory:
                 self.label = None
             w["peak_rss"] = max(w["peak_rss"], end["rss"])
             w["peak_pss"] = max(w["peak_pss"], end["pss"])
+            peak_by_kind(w, end)
             w["wall"] = time.perf_counter() - w["_t0"]
 
     def settle(self, timeout: float = 90.0) -> None:
@@ -166,6 +182,34 @@ class TreeMemory:
         self.thread.join(timeout=5)
 
 
+# Ray's own processes that are not workers: its daemons (the raylet, which holds the object store,
+# is kept apart) and the agents the raylet starts.
+RAY_DAEMONS = ("gcs_server", "dashboard.py", "monitor.py", "log_monitor.py", "agent.py", "main.py",
+               "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def memory_group(kind: str) -> str:
+    """The group a kind of process (`TreeMemory._kind`) is counted in for memory. A Ray worker
+    process takes one title after another (idle, a read task, a prepare task), so worker kinds
+    are grouped: the engine actors on their own, every other worker together."""
+    if "MapWorker" in kind or "EngineCore" in kind:
+        return "engine actor"
+    if kind in RAY_DAEMONS:
+        return "Ray's daemons"
+    if kind.startswith("ray::") or kind in ("ray worker (starting)", "default_worker.py"):
+        return "Ray workers (tasks, Ray Data's actors)"
+    return kind
+
+
+def peak_by_kind(w: dict, s: dict) -> None:
+    """Raise the window's peak RSS (and PSS) of each group of processes (summed over the group's
+    processes in one sample) to the sample's. PSS tells a short-lived fork of a big process (to
+    start a compiler, say), which RSS counts at the size of the pages it shares, from growth."""
+    for key, peaks in (("by_kind", w["peak_rss_by_kind"]), ("pss_by_kind", w["peak_pss_by_kind"])):
+        for kind, size in s[key].items():
+            peaks[kind] = max(peaks.get(kind, 0), size)
+
+
 def memory_figures(w: dict) -> Memory:
     """A closed window's figures."""
     cpu = sorted(w["cpu_s"].items(), key=lambda kv: -kv[1])
@@ -177,4 +221,11 @@ def memory_figures(w: dict) -> Memory:
         peak_pss_gib=round(w["peak_pss"] / GiB, 3),
         rise_pss_gib=round((w["peak_pss"] - w["start_pss"]) / GiB, 3),
         peak_processes=w["peak_procs"],
+        peak_rss_by_kind_gib=by_size(w["peak_rss_by_kind"]),
+        peak_pss_by_kind_gib=by_size(w["peak_pss_by_kind"]),
     )
+
+
+def by_size(sizes: dict) -> dict:
+    """Bytes by group as GiB, largest first, leaving out groups under 10 MiB."""
+    return {k: round(v / GiB, 3) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1]) if v >= 0.01 * GiB}

@@ -92,8 +92,22 @@ def train_section(tr: dict) -> list[str]:
 
 
 def memory_scan_section(ms: dict) -> list[str]:
-    return ["\nMemory scan (the job, whole process tree)", table(ms["runs"], MAIN_COLUMNS),
-            f"peak RSS last/first: {ms.get('peak_rss_last_over_first')}; peak PSS last/first: {ms.get('peak_pss_last_over_first')}"]
+    lines = ["\nMemory scan (whole process tree)", table(ms["runs"], MAIN_COLUMNS)]
+    if "peak_rss_last_over_first" in ms:
+        lines.append(f"job: peak RSS last/first {ms['peak_rss_last_over_first']}, "
+                     f"peak PSS last/first {ms['peak_pss_last_over_first']}")
+    if "bare_peak_rss_last_over_first" in ms:
+        lines.append(f"bare vLLM: peak RSS last/first {ms['bare_peak_rss_last_over_first']}, "
+                     f"peak PSS last/first {ms['bare_peak_pss_last_over_first']}")
+    for figure in ("rss", "pss"):
+        lines.append(f"each group of processes' own peak {figure.upper()}, GiB:")
+        lines += [f"  {r['name']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.get(f"peak_{figure}_by_kind_gib", {}).items())
+                  for r in ms["runs"]]
+        for key, who in ((f"{figure}_rise_by_kind_gib", "job"), (f"bare_{figure}_rise_by_kind_gib", "bare vLLM")):
+            if ms.get(key):
+                lines.append(f"{who}, last over first run, {figure.upper()} by group: "
+                             + ", ".join(f"{k} {v:+.2f}" for k, v in sorted(ms[key].items(), key=lambda kv: -abs(kv[1]))))
+    return lines
 
 
 def batch_scan_section(bs: dict) -> list[str]:

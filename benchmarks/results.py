@@ -32,6 +32,14 @@ class Memory:
     peak_pss_gib: float
     rise_pss_gib: float
     peak_processes: int
+    peak_rss_by_kind_gib: dict = field(default_factory=dict)
+    """Each group of processes' own peak RSS (`benchmarks.memory.memory_group`: the driver, the
+    engine actors, Ray's workers, the raylet, Ray's other daemons), summed over the group's
+    processes at one moment; groups peak at different moments, so these add up to more than the
+    tree's peak."""
+    peak_pss_by_kind_gib: dict = field(default_factory=dict)
+    """The same in PSS (sampled less often): shared pages split between the processes that map
+    them, so a fork of a big process does not count twice."""
 
 
 @dataclass

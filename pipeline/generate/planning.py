@@ -288,23 +288,36 @@ def limit_rows(plan: ShardPlan, limit: int) -> dict[str, list[int]]:
 
 def file_fingerprints(files: list[str], root: str, rows_in: dict[str, int]) -> dict[str, str]:
     """Each input file's content identity, by its name relative to `root` (see file_fingerprint).
-    Files are hashed a few at a time: reading them is most of the cost, and storage serves
-    several reads at once."""
+    Files are fingerprinted a few at a time: reading local files (or asking a store about its
+    objects) is most of the cost, and storage serves several requests at once."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
         sources = [storage.relative_name(f, root) for f in files]
         digests = pool.map(lambda pair: file_fingerprint(pair[0], rows_in[pair[1]]), zip(files, sources))
         return dict(zip(sources, digests))
 
 
-def file_fingerprint(uri: str, num_rows: int) -> str:
-    """What identifies a file's content for resuming: its row count and a hash of every byte.
+# pyarrow's filesystems (`type_name`) whose files are objects: written whole, never edited in place,
+# and stamped with the time of each write (S3, Google Cloud Storage, Azure Blob Storage).
+OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
 
-    Any edit (two prompts swapped, one changed for another of the same length) changes it, while
-    copying or touching the file does not. Streamed, so a file of any size is read once in
-    pieces; next to generating its rows, reading them once more costs little.
+
+def file_fingerprint(uri: str, num_rows: int) -> str:
+    """What identifies a file's content for resuming: its row count, and
+
+    * an object on an object store (`OBJECT_STORES`): its size and the time it was written, from
+      one metadata request, without reading it. Rewriting an object (even with the same bytes)
+      gives it a new time, so a changed input is still refused on resume; so is a copy.
+    * any other file (local, or on a store whose files can be edited in place or that reports no
+      write time): a hash of every byte. Any edit (two prompts swapped, one changed for another
+      of the same length) changes it, while copying or touching the file does not. Streamed, so
+      a file of any size is read once in pieces.
     """
-    digest = hashlib.sha256()
     location = storage.resolve(uri, "input")
+    if location.filesystem.type_name in OBJECT_STORES:
+        info = location.info()
+        if info.mtime is not None and info.size is not None:
+            return f"{num_rows}:store:{info.size}:{info.mtime_ns}"
+    digest = hashlib.sha256()
     with location.filesystem.open_input_stream(location.path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)

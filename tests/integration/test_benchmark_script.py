@@ -41,3 +41,21 @@ def test_benchmark_script_runs_every_contender_on_the_same_rows(tiny_model_dir, 
     assert labelling["job"]["same_text_as_bare"] == 1.0 and results["labelling"]["prompt_tokens"]["min"] > 300
     assert "Labelling rows: one shared instruction" in proc.stdout
     assert "median over repeats" in proc.stdout and "/Ray Data LLM" in proc.stdout
+
+
+def test_memory_scan_measures_the_job_and_bare_vllm_on_the_same_rows(tiny_model_dir, tmp_path):
+    """One small size: the job as a user runs it and bare vLLM fed in calls of the job's rows in
+    flight (here 2 batches of 8, so the 24 rows take two calls), each with its groups of processes."""
+    out = tmp_path / "results.json"
+    env = {**os.environ, "PIPELINE_CACHE": str(Path(tiny_model_dir).parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--memory-scan", "--scan-rows", "24", "--max-num-seqs", "8",
+         "--job-set", "batch_size=8", "--kv-cache-gib", "0.25", "--out", str(out), "--workdir", str(tmp_path / "work")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = {r["phase"]: r for r in json.loads(out.read_text())["memory_scan"]["runs"]}
+    assert runs["job"]["output_tokens"] == runs["bare"]["output_tokens"] == 24 * 4
+    assert {"engine actor", "python -m jobs.generate", "raylet"} <= set(runs["job"]["peak_rss_by_kind_gib"])
+    assert runs["bare"]["peak_rss_by_kind_gib"]["python -c (script)"] > 0.5  # an engine in the script's process
+    assert "each group of processes' own peak RSS" in proc.stdout

