@@ -139,7 +139,10 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
                 ds = build_dataset(settings, resolved, plan, remaining, resume, model_path, adapters,
                                    model.get("commit"), selected)
                 try:
-                    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    # No prefetching: with it, iter_batches holds each answered batch back until the
+                    # next one is answered too (Ray Data 2.60's prefetch_batches_locally), so the first
+                    # rows would wait for a second batch.
+                    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
                         batch, node = untag_node(batch)
                         out.add(batch)
                         if on_batch is not None:

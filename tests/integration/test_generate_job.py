@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -109,13 +110,22 @@ def test_same_rows_whatever_workers_batching_and_file_order(generate_job, tmp_pa
 
 
 def test_exact_token_counts_with_ignore_eos(generate_job, tmp_path):
+    """Exact token counts; and the first batch (alone in the engine, `first_batch_alone`) reaches
+    the driver as soon as it is answered, while the other four, answered together after it, are
+    still decoding (the driver takes batches without Ray Data's prefetching, which held each batch
+    back until the next one was answered too)."""
     rows = [{"prompt": f"count {i}", "max_tokens": 1 + i % 40, "temperature": 0.0} for i in range(300)]
-    _, out = generate_job(write(tmp_path / "t.parquet", rows), "engine.ignore_eos=true")
+    arrivals = []
+    _, out = generate_job(write(tmp_path / "t.parquet", rows), "engine.ignore_eos=true", "batch_size=64",
+                          on_batch=lambda table: arrivals.append(time.perf_counter()))
     got = read_output(out)
     for i in range(300):
         r = got[f"t.parquet#{i}"]
         assert r["completion_tokens"] == 1 + i % 40 and r["finish_reason"] == "length"
         assert r["prompt_tokens"] > 0
+    assert len(arrivals) == 5
+    # Up to 40 decoding steps of the other 236 rows between the first batch and the second.
+    assert arrivals[1] - arrivals[0] > 0.15, arrivals
 
 
 def test_bad_rows_become_error_rows(generate_job, tmp_path):
