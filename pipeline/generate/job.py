@@ -398,7 +398,8 @@ def _init_ray(ray_settings: RaySettings) -> None:
         if ray_settings.num_cpus is not None:
             kwargs["num_cpus"] = ray_settings.num_cpus
     env = {"TOKENIZERS_PARALLELISM": "false", **{k: str(v) for k, v in ray_settings.env.items()}}
-    kwargs["runtime_env"] = {"env_vars": env}
+    # Every worker's own INFO lines reach the job's log (engine start, first batch: its timeline).
+    kwargs["runtime_env"] = {"env_vars": env, "worker_process_setup_hook": "pipeline.console.worker_log_lines"}
     ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(ray_settings.progress_bars)

@@ -75,6 +75,10 @@ def test_entry_point_on_sample_data(tiny_model_dir, tmp_path):
     assert sorted(os.listdir(out)) == [".lock", "job.json", "logs", "manifest.json", "parts", "report.html"]
     assert sorted(f"parts/{n}" for n in os.listdir(out / "parts")) == [p["file"] for p in manifest["parts"]]
     assert "done: 200 of 200 rows (197 ok, 3 errors)" in proc.stderr
+    # The engine worker's side of the timeline is in the job's log, not on the terminal.
+    log = (out / "logs" / "generate.log").read_text()
+    for line in ("vLLM imported in", "engine ready in", "first call: "):
+        assert line in log and line not in proc.stderr, line
 
 
 def test_same_rows_whatever_workers_batching_and_file_order(generate_job, tmp_path):
