@@ -144,3 +144,20 @@ def _writes_to_terminal(handler: logging.Handler) -> bool:
     if isinstance(handler, logging.FileHandler) or not isinstance(handler, logging.StreamHandler):
         return False
     return handler.stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+
+
+def worker_log_lines(own_loggers: str = "pipeline") -> None:
+    """In a Ray worker of the job: its own INFO lines (vLLM's import and the engine's start, the
+    first batch's answer) on the worker's stderr, which Ray sends to the driver and the driver to
+    the job's log file, so that the log holds the worker's side of the job's timeline. A Ray
+    worker's root logger passes warnings only. The job names this as its workers' setup hook
+    (`pipeline.generate.job._init_ray`)."""
+    logger = logging.getLogger(own_loggers)
+    if any(getattr(h, "_job_worker_lines", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler._job_worker_lines = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # not twice, should the worker's root logger write to stderr too

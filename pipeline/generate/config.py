@@ -257,6 +257,7 @@ def engine_config(settings: GenerationSettings, resources: Resources, adapters: 
     engine.update(
         num_gpus=resources.num_gpus, num_cpus=resources.num_cpus, cpu_threads=resources.cpu_threads,
         kv_cache_gib=resources.kv_cache_gib, seed=settings.seed, multiprocessing=resources.engine_multiprocessing,
+        first_batch_alone=settings.first_batch_alone,
         lora={"enabled": adapters.enabled, "max_rank": adapters.max_rank, "max_loras": adapters.max_loras},
     )
     return engine

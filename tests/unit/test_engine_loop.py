@@ -166,3 +166,76 @@ def test_a_dead_engine_fails_every_later_call():
         loop.run(reqs("a"))
     with pytest.raises(EngineDeadError):
         loop.run(reqs("b"))
+
+
+# ---- first_alone: the first call has the engine to itself ---------------------------------------
+
+
+def run_in_order(loop, *calls, gap=0.02):
+    """Start each call from its own thread, `gap` seconds apart (so the first call is the first to
+    reach the loop); return their results and the order in which they returned."""
+    results, errors, returned = [None] * len(calls), [None] * len(calls), []
+    lock = threading.Lock()
+
+    def worker(k):
+        try:
+            results[k] = loop.run(calls[k])
+        except Exception as exc:
+            errors[k] = exc
+        with lock:
+            returned.append(k)
+
+    threads = []
+    for k in range(len(calls)):
+        threads.append(threading.Thread(target=worker, args=(k,)))
+        threads[-1].start()
+        time.sleep(gap)
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a call never returned"
+    return results, errors, returned
+
+
+def test_the_first_call_runs_alone_then_the_others_together():
+    llm = FakeLLM(steps=150)  # the others arrive 10 and 20 ms after the first, long before its 150 steps end
+    loop = EngineLoop(llm, first_alone=True)
+    results, errors, returned = run_in_order(loop, reqs("a1", "a2"), reqs("b1"), reqs("c1", "c2", "c3"), gap=0.01)
+    assert errors == [None, None, None]
+    assert [[o.value for o in r] for r in results] == [["out:a1", "out:a2"], ["out:b1"], ["out:c1", "out:c2", "out:c3"]]
+    history = llm.llm_engine.history
+    first = {("a1", None), ("a2", None)}
+    # The first call's 150 steps with nothing else in the engine, though the others were waiting...
+    assert history[:150] == [first] * 150
+    # ...then the others, which arrived meanwhile, all share the engine.
+    assert history[150] == {("b1", None), ("c1", None), ("c2", None), ("c3", None)}
+    assert returned[0] == 0
+
+
+def test_without_first_alone_the_first_call_shares_the_engine():
+    llm = FakeLLM(steps=40)
+    loop = EngineLoop(llm)
+    _, errors, returned = run_in_order(loop, reqs("a1", "a2"), reqs("b1"))
+    assert errors == [None, None]
+    assert {("a1", None), ("a2", None), ("b1", None)} in llm.llm_engine.history
+
+
+def test_only_the_first_call_runs_alone():
+    llm = FakeLLM(steps=40)
+    loop = EngineLoop(llm, first_alone=True)
+    assert [o.value for o in loop.run(reqs("first"))] == ["out:first"]
+    _, errors, _ = run_in_order(loop, reqs("a1"), reqs("b1"))
+    assert errors == [None, None]
+    assert {("a1", None), ("b1", None)} in llm.llm_engine.history
+
+
+@pytest.mark.parametrize("first", ["refused", "poison"])
+def test_a_first_call_that_fails_holds_no_one_back(first):
+    llm = FakeLLM(steps=10)
+    llm.llm_engine.fail_step_on = "poison"
+    loop = EngineLoop(llm, first_alone=True)
+    results, errors, _ = run_in_order(loop, reqs(first), reqs("b1"), reqs("c1"))
+    assert errors[0] is not None and results[0] is None
+    assert errors[1:] == [None, None]
+    assert [[o.value for o in r] for r in results[1:]] == [["out:b1"], ["out:c1"]]
+    if first == "refused":  # never in the engine: the next call is the first, and runs alone
+        assert llm.llm_engine.history[:10] == [{("b1", None)}] * 10

@@ -67,6 +67,20 @@ def test_the_engine_mode_and_prefix_caching_reach_the_engine_workers():
         GenerationSettings.from_config(compose("generate", ["ray.dashboard=3"]))
 
 
+def test_first_batch_alone_reaches_the_engine_workers_and_stays_out_of_the_jobs_identity():
+    """On by default; off on request; a scheduling choice that changes no row, so an output made
+    with it on resumes with it off."""
+    from pipeline.generate.config import OUTPUT_SETTINGS
+
+    on = GenerationSettings.from_config(compose("generate", ["model=tiny"]))
+    off = GenerationSettings.from_config(compose("generate", ["model=tiny", "first_batch_alone=false"]))
+    assert engine_config(on, resolve_resources(on, 0, 2, 2), AdapterSet())["first_batch_alone"] is True
+    assert engine_config(off, resolve_resources(off, 0, 2, 2), AdapterSet())["first_batch_alone"] is False
+    assert not any("first_batch_alone" in keys for _, keys in OUTPUT_SETTINGS)
+    with pytest.raises(ConfigError, match="first_batch_alone: must be true or false"):
+        GenerationSettings.from_config(compose("generate", ["first_batch_alone=sometimes"]))
+
+
 def batch(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in OUTPUT_SCHEMA} for r in rows], schema=OUTPUT_SCHEMA)
 
