@@ -110,14 +110,12 @@ def generation_actor_pids() -> list[int]:
     return pids
 
 
-def test_worker_killed_mid_job_is_replaced_without_duplicates(generate_job, ray_session, tmp_path):
-    src = str(tmp_path / "in.parquet")
-    pq.write_table(pa.Table.from_pylist(requests(400, max_tokens=30)), src, row_group_size=50)
-    _, ref_out = generate_job(src, output=str(tmp_path / "reference"))
-    out = str(tmp_path / "out")
-    killed = []
+def kill_engines_once_parts_appear(out) -> tuple[threading.Thread, list[int]]:
+    """A started thread that SIGKILLs an engine worker of the job as soon as a part is in
+    <out>/parts (within 300 s), and the list of the pids it killed."""
+    killed: list[int] = []
 
-    def kill_worker_once_parts_appear():
+    def kill():
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             parts = os.path.join(out, "parts")
@@ -128,8 +126,17 @@ def test_worker_killed_mid_job_is_replaced_without_duplicates(generate_job, ray_
                     return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_worker_once_parts_appear, daemon=True)
+    killer = threading.Thread(target=kill, daemon=True)
     killer.start()
+    return killer, killed
+
+
+def test_worker_killed_mid_job_is_replaced_without_duplicates(generate_job, ray_session, tmp_path):
+    src = str(tmp_path / "in.parquet")
+    pq.write_table(pa.Table.from_pylist(requests(400, max_tokens=30)), src, row_group_size=50)
+    _, ref_out = generate_job(src, output=str(tmp_path / "reference"))
+    out = str(tmp_path / "out")
+    killer, killed = kill_engines_once_parts_appear(out)
     manifest, _ = generate_job(src, "output.rows_per_part=20", "batch_size=20", output=out)
     killer.join()
     assert killed, "no worker was killed: the test did not exercise the fault"

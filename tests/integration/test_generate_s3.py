@@ -67,6 +67,36 @@ def upload(inputs, bucket: str) -> str:
     return f"s3://{bucket}/in"
 
 
+def kill_once_parts_appear(proc: subprocess.Popen, bucket: str, part_rows: int, parts: int) -> None:
+    """Kill the job `proc` (started in a session of its own) with everything it started once
+    `parts` parts are in <bucket>/out/parts, while a reader lists the folder: every part it ever
+    sees must be whole (`part_rows` rows, readable)."""
+    seen, bad = set(), []
+
+    def read_parts_while_running():
+        while proc.poll() is None:
+            for name in listing(bucket, "out/parts"):
+                if name in seen:
+                    continue
+                try:
+                    whole = name.startswith("out/parts/part-") and pq.read_table(f"s3://{bucket}/{name}").num_rows == part_rows
+                except Exception as exc:  # noqa: BLE001 - anything unreadable is the failure
+                    whole, name = False, f"{name}: {exc}"
+                (seen.add if whole else bad.append)(name)
+            time.sleep(0.05)
+
+    reader = threading.Thread(target=read_parts_while_running, daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and len(seen) < parts:
+        assert proc.poll() is None, "the job ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    reader.join(timeout=30)
+    assert seen and not bad, bad
+
+
 def test_a_killed_run_on_s3_resumes_to_the_local_rows_exactly_once(generate_job, inputs, reference, s3_bucket,
                                                                    tiny_model_dir):
     """Input and output only in S3: a run killed mid-job (its whole process group, as in
@@ -77,30 +107,7 @@ def test_a_killed_run_on_s3_resumes_to_the_local_rows_exactly_once(generate_job,
     proc = subprocess.Popen(job_command(tiny_model_dir, src, out, *overrides), cwd=ROOT,
                             env={**os.environ, "RAY_ADDRESS": "local"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    seen, bad = set(), []
-
-    def read_parts_while_running():
-        while proc.poll() is None:
-            for name in listing(s3_bucket, "out/parts"):
-                if name in seen:
-                    continue
-                try:
-                    whole = name.startswith("out/parts/part-") and pq.read_table(f"s3://{s3_bucket}/{name}").num_rows == 10
-                except Exception as exc:  # noqa: BLE001 - anything unreadable is the failure
-                    whole, name = False, f"{name}: {exc}"
-                (seen.add if whole else bad.append)(name)
-            time.sleep(0.05)
-
-    reader = threading.Thread(target=read_parts_while_running, daemon=True)
-    reader.start()
-    deadline = time.time() + 300
-    while time.time() < deadline and len(seen) < 2:
-        assert proc.poll() is None, "the job ended before it could be interrupted"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-    proc.wait()
-    reader.join(timeout=30)
-    assert seen and not bad
+    kill_once_parts_appear(proc, s3_bucket, part_rows=10, parts=2)
     committed = pq.read_table(f"s3://{s3_bucket}/out/parts").column("id").to_pylist()
     assert 0 < len(committed) < ROWS and "out/manifest.json" not in listing(s3_bucket, "out")
 

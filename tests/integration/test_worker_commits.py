@@ -6,10 +6,7 @@ answers (real Ray, real vLLM on the tiny model, moto's S3 server)."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import threading
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,8 +14,8 @@ import pytest
 
 from pipeline.generate.part_files import is_numbered
 from tests.conftest import compose
-from tests.integration.test_faults import ROOT, content, generation_actor_pids, job_command, output_rows, requests
-from tests.integration.test_generate_s3 import listing, s3
+from tests.integration.test_faults import ROOT, content, job_command, kill_engines_once_parts_appear, output_rows, requests
+from tests.integration.test_generate_s3 import kill_once_parts_appear, listing, s3
 
 pytestmark = pytest.mark.integration
 LOCAL_ROWS = 240
@@ -73,21 +70,7 @@ def test_worker_commits_give_the_rows_of_driver_commits(by_driver, local_input, 
 
 def test_a_worker_killed_mid_job_leaves_every_row_once(by_driver, local_input, tiny_model_dir, tmp_path):
     out = tmp_path / "killed-worker"
-    killed = []
-
-    def kill_worker_once_parts_appear():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            parts = out / "parts"
-            if parts.is_dir() and any(f.startswith("part-") for f in os.listdir(parts)):
-                for pid in generation_actor_pids():
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_worker_once_parts_appear, daemon=True)
-    killer.start()
+    killer, killed = kill_engines_once_parts_appear(out)
     # tasks of 3 batches of 10 (240 // (10 x 2 x 4)): a redone task finds some of its parts there
     manifest = run_job(tiny_model_dir, local_input, out, "batch_size=10", "batches_in_flight=2",
                        "output.commit=workers")
@@ -112,29 +95,7 @@ def test_a_killed_driver_on_s3_is_resumed_exactly_once(generate_job, by_driver, 
     proc = subprocess.Popen(job_command(tiny_model_dir, src, out, *overrides), cwd=ROOT,
                             env={**os.environ, "RAY_ADDRESS": "local"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    seen, bad = set(), []
-
-    def read_parts_while_running():
-        while proc.poll() is None:
-            for name in listing(s3_bucket, "out/parts"):
-                if name not in seen:
-                    try:
-                        whole = pq.read_table(f"s3://{s3_bucket}/{name}").num_rows == 10
-                    except Exception as exc:  # noqa: BLE001 - anything unreadable is the failure
-                        whole, name = False, f"{name}: {exc}"
-                    (seen.add if whole else bad.append)(name)
-            time.sleep(0.05)
-
-    reader = threading.Thread(target=read_parts_while_running, daemon=True)
-    reader.start()
-    deadline = time.time() + 300
-    while time.time() < deadline and not seen:
-        assert proc.poll() is None, "the job ended before it could be interrupted"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-    proc.wait()
-    reader.join(timeout=30)
-    assert seen and not bad
+    kill_once_parts_appear(proc, s3_bucket, part_rows=10, parts=1)
     committed = pq.read_table(f"s3://{s3_bucket}/out/parts").column("id").to_pylist()
     assert 0 < len(committed) < LOCAL_ROWS and "out/manifest.json" not in listing(s3_bucket, "out")
 
