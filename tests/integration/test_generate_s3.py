@@ -67,10 +67,15 @@ def upload(inputs, bucket: str) -> str:
     return f"s3://{bucket}/in"
 
 
-def kill_once_parts_appear(proc: subprocess.Popen, bucket: str, part_rows: int, parts: int) -> None:
-    """Kill the job `proc` (started in a session of its own) with everything it started once
-    `parts` parts are in <bucket>/out/parts, while a reader lists the folder: every part it ever
-    sees must be whole (`part_rows` rows, readable)."""
+def kill_once_parts_appear(model_dir, src: str, bucket: str, overrides, part_rows: int, parts: int,
+                           total_rows: int) -> list[str]:
+    """Start the job from `src` into s3://<bucket>/out in a session of its own, and kill it with
+    everything it started once `parts` parts are in out/parts, while a reader lists the folder:
+    every part it ever sees must be whole (`part_rows` rows, readable). The ids committed by
+    then: some, not all `total_rows`, and no manifest."""
+    proc = subprocess.Popen(job_command(model_dir, src, f"s3://{bucket}/out", *overrides), cwd=ROOT,
+                            env={**os.environ, "RAY_ADDRESS": "local"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     seen, bad = set(), []
 
     def read_parts_while_running():
@@ -95,6 +100,9 @@ def kill_once_parts_appear(proc: subprocess.Popen, bucket: str, part_rows: int, 
     proc.wait()
     reader.join(timeout=30)
     assert seen and not bad, bad
+    committed = pq.read_table(f"s3://{bucket}/out/parts").column("id").to_pylist()
+    assert 0 < len(committed) < total_rows and "out/manifest.json" not in listing(bucket, "out")
+    return committed
 
 
 def test_a_killed_run_on_s3_resumes_to_the_local_rows_exactly_once(generate_job, inputs, reference, s3_bucket,
@@ -104,12 +112,8 @@ def test_a_killed_run_on_s3_resumes_to_the_local_rows_exactly_once(generate_job,
     files on a local disk; a reader listing <out>/parts meanwhile only ever sees whole parts."""
     src, out = upload(inputs, s3_bucket), f"s3://{s3_bucket}/out"
     overrides = ("output.rows_per_part=10", "batch_size=10")
-    proc = subprocess.Popen(job_command(tiny_model_dir, src, out, *overrides), cwd=ROOT,
-                            env={**os.environ, "RAY_ADDRESS": "local"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    kill_once_parts_appear(proc, s3_bucket, part_rows=10, parts=2)
-    committed = pq.read_table(f"s3://{s3_bucket}/out/parts").column("id").to_pylist()
-    assert 0 < len(committed) < ROWS and "out/manifest.json" not in listing(s3_bucket, "out")
+    committed = kill_once_parts_appear(tiny_model_dir, src, s3_bucket, overrides, part_rows=10, parts=2,
+                                       total_rows=ROWS)
 
     manifest, _ = generate_job(src, *overrides, output=out)  # the dead run's lease is taken at once
     assert manifest["status"] == "complete" and manifest["counts"]["rows_in"] == ROWS

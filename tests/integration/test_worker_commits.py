@@ -6,7 +6,6 @@ answers (real Ray, real vLLM on the tiny model, moto's S3 server)."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,7 +13,7 @@ import pytest
 
 from pipeline.generate.part_files import is_numbered
 from tests.conftest import compose
-from tests.integration.test_faults import ROOT, content, job_command, kill_engines_once_parts_appear, output_rows, requests
+from tests.integration.test_faults import content, kill_engines_once_parts_appear, output_rows, requests
 from tests.integration.test_generate_s3 import kill_once_parts_appear, listing, s3
 
 pytestmark = pytest.mark.integration
@@ -92,12 +91,8 @@ def test_a_killed_driver_on_s3_is_resumed_exactly_once(generate_job, by_driver, 
     src, out = f"s3://{s3_bucket}/in/in.parquet", f"s3://{s3_bucket}/out"
     # parts one by one; tasks of 3 batches (worker_commit.batches_per_task: 240 rows // (10 x 2 x 4))
     overrides = ("batch_size=10", "batches_in_flight=2", "output.commit=workers")
-    proc = subprocess.Popen(job_command(tiny_model_dir, src, out, *overrides), cwd=ROOT,
-                            env={**os.environ, "RAY_ADDRESS": "local"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    kill_once_parts_appear(proc, s3_bucket, part_rows=10, parts=1)
-    committed = pq.read_table(f"s3://{s3_bucket}/out/parts").column("id").to_pylist()
-    assert 0 < len(committed) < LOCAL_ROWS and "out/manifest.json" not in listing(s3_bucket, "out")
+    committed = kill_once_parts_appear(tiny_model_dir, src, s3_bucket, overrides, part_rows=10, parts=1,
+                                       total_rows=LOCAL_ROWS)
 
     # The killed driver's engine may commit a few more parts until Ray ends it or the rerun
     # takes the lease; it commits nothing after that.
