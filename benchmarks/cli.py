@@ -32,6 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra Hydra override for every job run (repeatable), e.g. batch_size=256")
     p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="also run the job with these overrides, as its own contender (repeatable)")
+    p.add_argument("--job-in-ray", action="store_true",
+                   help="run the job in the benchmark's process and Ray, as a job sent to a running Ray cluster "
+                        "(default: `python -m jobs.generate` as a process of its own, starting and stopping its own "
+                        "Ray, as a user runs it)")
     p.add_argument("--startup-runs", action="store_true",
                    help="also time a one-row run of the job and Ray Data LLM before each (their start-up)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
@@ -88,6 +92,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if set(args.scan_contenders) - {"job", "bare"}:
         p.error(f"--scan-contenders: pick from job,bare (got {','.join(args.scan_contenders)})")
     return args
+
+
+def needs_ray(args) -> bool:
+    """Whether a contender asked for runs in the benchmark's own Ray: Ray Data LLM, the driver-scale
+    runs, and the job with `--job-in-ray`. A job run as its own process (the default,
+    and the memory scan's) starts its own Ray, which should not share the machine with an idle one."""
+    if args.memory_scan:
+        return False
+    return bool(args.job_in_ray or args.driver_scale or "raydata" in args.phases)
 
 
 def environment() -> dict:
@@ -150,10 +163,10 @@ def main(argv=None) -> int:
         workdir = Path(owned_tmp.name)
 
     mem = TreeMemory()
-    if not args.memory_scan:  # the scan runs each job in its own process, with its own Ray
-        ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": multiprocessing,
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+    if needs_ray(args):
+        # The job's settings reach this Ray's workers through the environment it inherits (set above),
+        # as a Ray the job starts itself passes them (pipeline.generate.job._init_ray).
+        ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

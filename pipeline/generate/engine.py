@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
+from pipeline.console import worker_log_lines
 from pipeline.errors import JobFailure
 from pipeline.lora_remote import on_this_node
 from pipeline.generate.node_model import node_model_path
@@ -121,6 +122,7 @@ class GenerationWorker:
                  revision: str | None = None, samples: int = 1, retry: dict | None = None,
                  model_source: dict | None = None, node_id: Callable[[], str] | None = None,
                  committer: PartCommitter | None = None):
+        worker_log_lines()  # this worker's timeline (vLLM import, engine start, first batch) in the job's log
         if model_source is not None:  # the driver's model, found or made on this node
             model_path = node_model_path(model_source)
         # vLLM's engine core in its own process or in this one, as the job resolved it

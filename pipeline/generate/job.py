@@ -13,6 +13,8 @@ parts the same way and the driver takes only their ledger entries (`pipeline.gen
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 from collections import Counter
 import functools
@@ -155,7 +157,14 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
                         for taken, counts, node in _take(out, batch, committer is not None):
                             if on_batch is not None:
                                 on_batch(taken)
+                            first = stats.first_row_s is None
                             stats.add_counts(counts, node=node)
+                            if first and stats.first_row_s is not None:
+                                # The first rows are readable at once, not after rows_per_part rows
+                                # (a worker's part is committed already).
+                                out.flush()
+                                log.info("first rows committed, %.1fs after the job started",
+                                         time.time() - started)
                         progress.update(stats)
                 except Exception as exc:
                     _stop(out, exc)
@@ -185,14 +194,18 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
         )
     finally:
         out.close()
+    # The report is drawn while Ray shuts down: the one is the driver's CPU, the other mostly
+    # waiting for Ray's processes to exit.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="report") as pool:
+        drawn = pool.submit(_write_report, out.path)
+        _shutdown(settings.ray)
+        report = drawn.result()
     lines = [stats.summary(out.shown)]
-    report = _write_report(out.path)
     if report:
         lines.append(f"  report: {report}")
     if console.log_file:
         lines.append(f"  log: {console.log_file}")
     console.print("\n".join(lines))
-    _shutdown(settings.ray)
     return manifest
 
 
@@ -412,6 +425,21 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """`env` set in this process's environment inside the block, as it was before after it."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _init_ray(ray_settings: RaySettings) -> None:
     if ray.is_initialized():
         return
@@ -424,9 +452,22 @@ def _init_ray(ray_settings: RaySettings) -> None:
         if ray_settings.num_cpus is not None:
             kwargs["num_cpus"] = ray_settings.num_cpus
     env = {"TOKENIZERS_PARALLELISM": "false", **{k: str(v) for k, v in ray_settings.env.items()}}
-    # Every worker's own INFO lines reach the job's log (engine start, first batch: its timeline).
-    kwargs["runtime_env"] = {"env_vars": env, "worker_process_setup_hook": "pipeline.console.worker_log_lines"}
-    ray.init(**kwargs)
+    if ray_settings.address is None:
+        # A Ray started here hands its workers this process's environment, so the settings go
+        # there, for as long as Ray starts. A runtime environment would do the same at a cost:
+        # Ray starts a new worker process for each task and actor of a job that has one, instead
+        # of the idle workers it starts with (about a second per engine on a 2-core machine, and
+        # the idle workers' start-up spent for nothing). The workers' own INFO lines reach the
+        # job's log through pipeline.console.worker_log_lines, which the engine and prepare
+        # tasks call themselves.
+        with _environment(env):
+            ray.init(**kwargs)
+    else:
+        # A Ray joined has its own environment: the settings travel as the job's runtime environment,
+        # whose setup hook sends every worker's own INFO lines to the job's log (engine start, first
+        # batch: its timeline).
+        kwargs["runtime_env"] = {"env_vars": env, "worker_process_setup_hook": "pipeline.console.worker_log_lines"}
+        ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(ray_settings.progress_bars)
     ctx.print_on_execution_start = False

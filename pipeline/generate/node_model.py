@@ -106,6 +106,9 @@ def _files(folder) -> dict:
 
 def prepare_block_on_node(block, model_source: dict, **kwargs):
     """`tasks.prepare_block` with the model's path on the node the task runs on."""
+    from pipeline.console import worker_log_lines
     from pipeline.generate.tasks import prepare_block
+
+    worker_log_lines()  # the task's own lines (the model copied to this node) in the job's log
 
     return prepare_block(block, **{**kwargs, "model_path": node_model_path(model_source)})

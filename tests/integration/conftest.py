@@ -24,18 +24,22 @@ def ray_session(s3_server):
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            # A Ray of the session's own, never another that runs on this machine (a server under
-            # test, another checkout's tests): those would refuse num_cpus, or mix workloads.
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            # PIPELINE_WNA16_FALLBACK=on: 4-bit (AWQ) layers take the path of CPUs without vLLM's
-            # 4-bit kernel (AVX2), whatever this machine's CPU; float models are unaffected.
-            runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
-                                      "PIPELINE_WNA16_FALLBACK": "on"}},
-        )
+        from pipeline.generate.job import _environment
+
+        # PIPELINE_WNA16_FALLBACK=on: 4-bit (AWQ) layers take the path of CPUs without vLLM's
+        # 4-bit kernel (AVX2), whatever this machine's CPU; float models are unaffected. Set for
+        # Ray's workers only (they inherit the environment Ray starts with, as in a job's own Ray),
+        # not for the engines the tests start in this process.
+        with _environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
+                           "PIPELINE_WNA16_FALLBACK": "on"}):
+            ray.init(
+                # A Ray of the session's own, never another that runs on this machine (a server under
+                # test, another checkout's tests): those would refuse num_cpus, or mix workloads.
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                log_to_driver=False,
+            )
     yield ray
     ray.shutdown()
 

@@ -77,8 +77,12 @@ def test_entry_point_on_sample_data(tiny_model_dir, tmp_path):
     assert "done: 200 of 200 rows (197 ok, 3 errors)" in proc.stderr
     # The engine worker's side of the timeline is in the job's log, not on the terminal.
     log = (out / "logs" / "generate.log").read_text()
-    for line in ("vLLM imported in", "engine ready in", "first call: "):
+    for line in ("vLLM imported in", "engine ready in", "first call: ", "first rows committed, "):
         assert line in log and line not in proc.stderr, line
+    # The first batch is committed as soon as it arrives, as a part of its own; the rest in parts
+    # of output.rows_per_part (1,024: here one).
+    sizes = [p["rows"] for p in manifest["parts"]]
+    assert len(sizes) == 2 and sizes[0] <= 64 and sum(sizes) == source.num_rows, sizes
 
 
 def test_same_rows_whatever_workers_batching_and_file_order(generate_job, tmp_path):
