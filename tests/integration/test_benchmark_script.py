@@ -31,6 +31,10 @@ def test_benchmark_script_runs_every_contender_on_the_same_rows(tiny_model_dir, 
     assert set(runs) == {"bare vLLM", "job", "Ray Data LLM"}
     assert {r["output_tokens"] for r in runs.values()} == {24 * 8}
     assert runs["job"]["same_text_as_bare"] == 1.0  # same seeds, same tokens: the same text
+    # The job ran as `python -m jobs.generate`, its own process and Ray: its first row is when its
+    # log says the first rows were committed, within its whole run.
+    assert 0 < runs["job"]["time_to_first_row_s"] < runs["job"]["wall_s"]
+    assert "python -m jobs.generate" in runs["job"]["peak_rss_by_kind_gib"]
     summary = results["main"]["summary"]["job"]
     assert summary["over_bare"] > 0 and summary["over_raydata"] > 0
     assert results["lora"]["mixed_over_none"] > 0 and results["lora"]["bare_mixed_over_none"] > 0
