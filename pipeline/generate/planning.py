@@ -10,6 +10,7 @@ Pure module: stdlib and pyarrow only (`row_ids` checks that ids are unique).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import hashlib
 from dataclasses import dataclass, field
@@ -157,7 +158,7 @@ def resolve_inputs(inputs: str | list[str]) -> list[str]:
             problems.append(str(exc))
     if problems:
         raise InputError(problems)
-    duplicates = sorted({f for f in files if files.count(f) > 1})
+    duplicates = sorted(f for f, n in collections.Counter(files).items() if n > 1)
     if duplicates:
         raise InputError([f"input: '{storage.shown(f)}' is named more than once; each file is read once"
                           for f in duplicates])
