@@ -141,7 +141,8 @@ def _duplicates(chunks) -> pa.Table:
     not the rows: the same id a million times takes one row of the counts."""
     counts = None
     for chunk in chunks:
-        part = chunk.select(["id", "seq"]).group_by("id", use_threads=False).aggregate([("seq", "count"), ("seq", "min"), ("seq", "max")])
+        part = chunk.select(["id", "seq"]).group_by("id", use_threads=False).aggregate(
+            [("seq", "count"), ("seq", "min"), ("seq", "max")])
         part = part.rename_columns({"seq_count": "n", "seq_min": "first", "seq_max": "last"})
         if counts is not None:
             part = pa.concat_tables([counts, part]).group_by("id", use_threads=False).aggregate(

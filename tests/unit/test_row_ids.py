@@ -146,7 +146,8 @@ def test_hashes_repeated_within_and_across_chunks_are_found_once_each():
     chunks = [[5, 1, 9, 1], [7, 5, 3], [3, 3, 2], [11]]
     repeated = row_ids._repeated(np.array(c, np.uint64) for c in chunks)
     assert repeated.tolist() == [1, 3, 5] and repeated.dtype == np.uint64
-    assert row_ids._repeated(iter([])).tolist() == [] and row_ids._repeated([np.arange(9, dtype=np.uint64)]).tolist() == []
+    assert row_ids._repeated(iter([])).tolist() == []
+    assert row_ids._repeated([np.arange(9, dtype=np.uint64)]).tolist() == []
 
 
 @pytest.mark.parametrize("collide", [lambda h: h * 0, lambda h: h % 3])
@@ -155,7 +156,8 @@ def test_ids_that_only_share_a_hash_are_not_duplicates(tmp_path, monkeypatch, co
     by text still finds exactly the real duplicates (and no others)."""
     real = row_ids._hashes
     monkeypatch.setattr(row_ids, "_hashes", lambda ids: collide(real(ids)))
-    id_lists = [[f"a{i}" for i in range(120)] + ["dup", None], [f"b{i}" for i in range(120)] + ["dup", "f0.parquet#121"]]
+    id_lists = [[f"a{i}" for i in range(120)] + ["dup", None],
+                [f"b{i}" for i in range(120)] + ["dup", "f0.parquet#121"]]
     paths = write_files(tmp_path, id_lists, row_group_size=50)
     for partition_rows in (40, 10_000):
         message = check(tmp_path, paths, partition_rows)
