@@ -16,6 +16,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline import storage
@@ -177,6 +178,15 @@ def open_parquet(uri: str) -> pq.ParquetFile:
     return pq.ParquetFile(location.filesystem.open_input_file(location.path))
 
 
+def read_footer(file: storage.Location) -> tuple[pq.FileMetaData, pa.Schema]:
+    """A Parquet file's footer: its row groups and its Arrow schema. With the file's size known
+    from the listing that found it (`Location.listed`), a store is asked for the footer alone (one
+    ranged read) rather than for the object's size first and then the footer."""
+    size = file.listed.size if file.listed is not None else None
+    fragment = pads.ParquetFileFormat().make_fragment(file.path, file.filesystem, file_size=size)
+    return fragment.metadata, fragment.physical_schema
+
+
 def read_columns(uri: str, columns: list[str]) -> pa.Table:
     location = storage.resolve(uri, "input")
     return pq.read_table(location.path, columns=columns, filesystem=location.filesystem)
@@ -204,14 +214,14 @@ def plan_shards(
     rows_in: dict[str, int] = {}
     column_types: dict[str, dict[str, list[str]]] = {}
     total = 0
-    for uri in files:
+    for file in found:
+        uri = file.uri
         path = storage.shown(uri)  # what messages name
         try:
-            meta = open_parquet(uri)
+            metadata, schema = read_footer(file)
         except (pa.ArrowInvalid, OSError) as exc:
             problems.append(f"{path}: not a readable Parquet file ({_first_line(exc)})")
             continue
-        schema = meta.schema_arrow
         names = set(schema.names)
         if template_columns is not None:
             absent = [c for c in template_columns if c not in names]
@@ -245,9 +255,9 @@ def plan_shards(
         wanted = [n for n in schema.names
                   if n in fields or n == id_column or n in passthrough or n in (template_columns or ())]
         source = storage.relative_name(uri, root)
-        rows_in[source] = meta.metadata.num_rows
-        shards.extend(_split(uri, source, meta.metadata, tuple(wanted), rows_per_shard))
-        total += meta.metadata.num_rows
+        rows_in[source] = metadata.num_rows
+        shards.extend(_split(uri, source, metadata, tuple(wanted), rows_per_shard))
+        total += metadata.num_rows
     for name, by_type in column_types.items():
         if len(by_type) > 1:
             kinds = "; ".join(f"{t} in {', '.join(p.rsplit('/', 1)[-1] for p in ps)}" for t, ps in by_type.items())
