@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="output.rows_per_part values --driver-scale commits with (the first also through Ray Data)")
     p.add_argument("--commit-modes", default="sink,driver,workers",
                    help="--driver-scale's commit runs: sink (the sink alone), driver and workers (output.commit, "
-                        "through Ray Data)")
+                        "through Ray Data); '' for planning only")
     p.add_argument("--lora-adapters", type=int, default=4, help="adapters the LoRA run spreads its rows over")
     p.add_argument("--lora-rows", type=int, default=None, help="rows of the LoRA runs (default: --rows)")
     p.add_argument("--train-rows", type=int, default=256, help="conversations of the training comparison")

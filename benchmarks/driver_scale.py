@@ -33,43 +33,110 @@ DRIVER = "driver (this process)"  # benchmarks.memory's name for the benchmark's
 
 
 def write_inputs(folder: Path, files: int, rows: int) -> float:
-    """`files` Parquet files with `rows` rows in all, each an `id` and a short `prompt`, in row
-    groups of a tenth of a file; the seconds it took."""
+    """`files` Parquet files with `rows` rows in all, each an `id` (`r<row>`) and a short `prompt`,
+    in row groups of a tenth of a file; the seconds it took. Vectorised (the ids are made by Arrow
+    from a range of numbers, one prompt column serves every file) and written a few files at a
+    time, so that 100 M rows take minutes, not the hour that making them in Python would."""
+    import concurrent.futures
+
+    import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     folder.mkdir(parents=True, exist_ok=True)
     per_file = max(1, rows // files)
-    started = time.perf_counter()
-    for f in range(files):
-        first = f * per_file
-        ids = pa.array([f"r{i}" for i in range(first, first + per_file)])
-        table = pa.table({"id": ids, "prompt": pa.array(["Label: a short text."] * per_file)})
+    prompts = pa.array(["Label: a short text."] * per_file)
+
+    def write(f: int) -> None:
+        numbers = pa.array(np.arange(f * per_file, (f + 1) * per_file)).cast(pa.string())
+        table = pa.table({"id": pc.binary_join_element_wise("r", numbers, ""), "prompt": prompts})
         pq.write_table(table, folder / f"part-{f:06d}.parquet", row_group_size=max(1, per_file // 10))
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(write, range(files)):
+            pass
     return time.perf_counter() - started
 
 
+class FolderPeak:
+    """The largest a folder's files grew to while it was watched (sampled every `interval` s):
+    the duplicate-id check's spill files, which live only while planning runs."""
+
+    def __init__(self, folder: Path, interval: float = 0.5):
+        import threading
+
+        self.folder, self.interval, self.peak = folder, interval, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="folder-peak", daemon=True)
+
+    def size(self) -> int:
+        total = 0
+        for root, _, names in os.walk(self.folder):
+            for name in names:
+                try:
+                    total += os.stat(os.path.join(root, name)).st_size
+                except OSError:  # removed between listing and reading
+                    pass
+        return total
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.size())
+            self.stop.wait(self.interval)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
 def planning(args, workdir: Path, mem: TreeMemory) -> dict:
+    """Plans the files without and with `id_column=id`; the inputs are removed afterwards (100 M
+    rows are a few GB). The id check's spill files go to a folder of the workdir, watched for
+    their largest size."""
+    import shutil
+    import tempfile
+
     from pipeline.generate.planning import plan_shards
 
     folder = workdir / "scale-inputs"
     log(f"driver scale: writing {args.scale_files:,} files, {args.scale_rows:,} rows -> {folder}")
     written = write_inputs(folder, args.scale_files, args.scale_rows)
+    log(f"  written in {written:.1f}s")
+    spill = workdir / "spill"
+    spill.mkdir(exist_ok=True)
     runs = []
-    for id_column in (None, "id"):
-        label = f"plan, id_column={id_column}"
-        mem.settle()
-        with mem.window(label) as w:
-            started = time.perf_counter()
-            plan = plan_shards(str(folder), id_column=id_column)
-            seconds = time.perf_counter() - started
-        figures = memory_figures(w)
-        runs.append({"name": label, "files": len(plan.files), "rows": plan.total_rows, "shards": len(plan.shards),
-                     "seconds": round(seconds, 2), "files_per_s": round(len(plan.files) / seconds, 1),
-                     "peak_rss_gib": figures.peak_rss_gib, "rise_rss_gib": figures.rise_rss_gib})
-        log(f"  {label}: {seconds:.1f}s for {len(plan.files):,} files ({plan.total_rows:,} rows), "
-            f"driver RSS rise {figures.rise_rss_gib:.2f} GiB")
-        del plan
+    try:
+        for id_column in (None, "id"):
+            label = f"plan, id_column={id_column}"
+            mem.settle()
+            tempfile.tempdir = str(spill)  # where the id check's TemporaryDirectory goes
+            try:
+                with FolderPeak(spill) as watched, mem.window(label) as w:
+                    started = time.perf_counter()
+                    plan = plan_shards(str(folder), id_column=id_column)
+                    seconds = time.perf_counter() - started
+            finally:
+                tempfile.tempdir = None
+            figures = memory_figures(w)
+            driver_cpu = figures.cpu_s.get(DRIVER, 0.0)
+            runs.append({"name": label, "files": len(plan.files), "rows": plan.total_rows, "shards": len(plan.shards),
+                         "seconds": round(seconds, 2), "files_per_s": round(len(plan.files) / seconds, 1),
+                         "driver_cpu_s": round(driver_cpu, 1), "spill_peak_gib": round(watched.peak / 2**30, 3),
+                         "peak_rss_gib": figures.peak_rss_gib, "rise_rss_gib": figures.rise_rss_gib,
+                         "load_avg": round(os.getloadavg()[0], 1)})
+            log(f"  {label}: {seconds:.1f}s for {len(plan.files):,} files ({plan.total_rows:,} rows), "
+                f"driver CPU {driver_cpu:.1f}s, driver RSS rise {figures.rise_rss_gib:.2f} GiB, "
+                f"spill folder peak {watched.peak / 2**30:.2f} GiB, load average {os.getloadavg()[0]:.1f}")
+            del plan
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(spill, ignore_errors=True)
     return {"files": args.scale_files, "rows": args.scale_rows, "write_s": round(written, 1), "runs": runs}
 
 
@@ -184,7 +251,8 @@ def commit(args, workdir: Path, mem: TreeMemory) -> dict:
 
 
 def driver_scale(args, workdir: Path, mem: TreeMemory) -> dict:
-    """Planning and committing at scale on this machine (`--scale-files 0`: committing only); the
-    results' `driver_scale`."""
+    """Planning and committing at scale on this machine (`--scale-files 0`: committing only;
+    `--commit-modes ''`: planning only); the results' `driver_scale`."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return {"planning": planning(args, workdir, mem) if args.scale_files else None, "commit": commit(args, workdir, mem)}
+    return {"planning": planning(args, workdir, mem) if args.scale_files else None,
+            "commit": commit(args, workdir, mem) if args.commit_modes.strip() else None}

@@ -126,7 +126,11 @@ def driver_scale_section(ds: dict) -> list[str]:
         lines += [f"planning {p['files']:,} files / {p['rows']:,} rows (written in {p['write_s']}s)",
                   table(p["runs"], [("run", "name", ""), ("files", "files", ","), ("rows", "rows", ","),
                                     ("shards", "shards", ","), ("s", "seconds", ".1f"), ("files/s", "files_per_s", ",.0f"),
+                                    ("driver CPU s", "driver_cpu_s", ".1f"), ("spill GiB", "spill_peak_gib", ".2f"),
+                                    ("load", "load_avg", ".1f"),
                                     ("peak RSS GiB", "peak_rss_gib", ".2f"), ("rise GiB", "rise_rss_gib", ".2f")])]
+    if not c:
+        return lines
     return lines + [
             f"committing {c['rows']:,} rows of short answers ({c['answer']!r}) in batches of {c['batch_rows']}",
             table(c["runs"], [("run", "name", ""), ("rows/part", "rows_per_part", ","), ("batch", "batch_rows", ","),

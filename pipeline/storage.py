@@ -20,7 +20,7 @@ import os
 import posixpath
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
@@ -108,11 +108,15 @@ def has_glob(spec: str) -> bool:
 @dataclass(frozen=True)
 class Location:
     """A file or folder on some filesystem. `uri` is how the user (or a join) named it, and is
-    what a Ray task re-opens the store from; `path` is the filesystem's own path."""
+    what a Ray task re-opens the store from; `path` is the filesystem's own path. `listed`: what
+    the listing or lookup that found the file (`expand`, `files`) said of it (its size and write
+    time), so that a caller needs no request of its own for them; None for a location made any
+    other way, and after it travels (a task asks the store again)."""
 
     uri: str
     path: str
     filesystem: pafs.FileSystem = field(repr=False, compare=False)
+    listed: pafs.FileInfo | None = field(default=None, repr=False, compare=False)
 
     def __reduce__(self):
         return (resolve, (self.uri,))
@@ -159,11 +163,11 @@ class Location:
         """Every file below this folder whose name ends with `suffix`, sorted by path."""
         selector = pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
         found = [
-            i.path
+            i
             for i in self.filesystem.get_file_info(selector)
             if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
         ]
-        return [self._below(p) for p in sorted(found)]
+        return [replace(self._below(i.path), listed=i) for i in sorted(found, key=lambda i: i.path)]
 
     def children(self) -> list[Location]:
         """The entries directly in this folder (files and folders), sorted by name."""
@@ -252,7 +256,7 @@ def expand(spec: str, setting: str = "input", suffix: str = ".parquet") -> list[
     except OSError as exc:
         raise StorageError(f"{setting}: cannot read '{location.shown}': {_first_line(exc)} ({access_hint(location.uri)})") from None
     if info.type == pafs.FileType.File:
-        return [location]
+        return [replace(location, listed=info)]
     if info.type == pafs.FileType.Directory:
         found = [f for f in location.files(suffix) if _visible(f.relative_to(location))]
         if not found:

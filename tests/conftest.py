@@ -42,9 +42,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def moto_s3_server(**server_env):
+def moto_s3_server(log=None, **server_env):
     """moto's S3 server on a free port of 127.0.0.1, stopped on exit; yields its endpoint URL.
-    `server_env`: the server's own settings (INITIAL_NO_AUTH_ACTION_COUNT turns its IAM on)."""
+    `log`: a file its request lines go to (one per request: method, path, status), to count the
+    requests a client made; `server_env`: the server's own settings (INITIAL_NO_AUTH_ACTION_COUNT
+    turns its IAM on)."""
     import subprocess
     import sys
     import time
@@ -53,12 +55,17 @@ def moto_s3_server(**server_env):
 
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, **server_env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    sink = subprocess.DEVNULL if log is None else open(log, "ab")  # noqa: SIM115 - the server keeps its own copy
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            env={**os.environ, **server_env},
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
+    finally:
+        if log is not None:
+            sink.close()
     try:
         for _ in range(200):
             try:

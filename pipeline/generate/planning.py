@@ -10,11 +10,13 @@ Pure module: stdlib and pyarrow only (`row_ids` checks that ids are unique).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import hashlib
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline import storage
@@ -145,19 +147,25 @@ def request_column_problem(field: str, t: pa.DataType) -> str | None:
 def resolve_inputs(inputs: str | list[str]) -> list[str]:
     """Files named by `inputs`: files, folders (every *.parquet below them) or glob patterns, as
     local absolute paths or URIs on any store (`pipeline.storage`)."""
+    return [f.uri for f in input_files(inputs)]
+
+
+def input_files(inputs: str | list[str]) -> list[storage.Location]:
+    """`resolve_inputs`' files as locations, each with what the listing or lookup that found it
+    said of it (`Location.listed`: size and write time)."""
     specs = [inputs] if isinstance(inputs, str) else list(inputs)
     if not specs:
         raise InputError(["input: no input given; set input=<file, folder or glob of Parquet files>"])
-    files: list[str] = []
+    files: list[storage.Location] = []
     problems = []
     for spec in specs:
         try:
-            files.extend(f.uri for f in storage.expand(str(spec), "input"))
+            files.extend(storage.expand(str(spec), "input"))
         except storage.StorageError as exc:
             problems.append(str(exc))
     if problems:
         raise InputError(problems)
-    duplicates = sorted({f for f in files if files.count(f) > 1})
+    duplicates = sorted(uri for uri, n in collections.Counter(f.uri for f in files).items() if n > 1)
     if duplicates:
         raise InputError([f"input: '{storage.shown(f)}' is named more than once; each file is read once"
                           for f in duplicates])
@@ -168,6 +176,15 @@ def open_parquet(uri: str) -> pq.ParquetFile:
     """The Parquet file at a local path or URI, opened through its store."""
     location = storage.resolve(uri, "input")
     return pq.ParquetFile(location.filesystem.open_input_file(location.path))
+
+
+def read_footer(file: storage.Location) -> tuple[pq.FileMetaData, pa.Schema]:
+    """A Parquet file's footer: its row groups and its Arrow schema. With the file's size known
+    from the listing that found it (`Location.listed`), a store is asked for the footer alone (one
+    ranged read) rather than for the object's size first and then the footer."""
+    size = file.listed.size if file.listed is not None else None
+    fragment = pads.ParquetFileFormat().make_fragment(file.path, file.filesystem, file_size=size)
+    return fragment.metadata, fragment.physical_schema
 
 
 def read_columns(uri: str, columns: list[str]) -> pa.Table:
@@ -189,21 +206,22 @@ def plan_shards(
     writes the requests, so files need no prompt or messages column); None: no template.
     `request_columns` false: columns named like request fields are not read (nor checked)."""
     fields = REQUEST_FIELDS if request_columns else ()
-    files = resolve_inputs(inputs)
+    found = input_files(inputs)
+    files = [f.uri for f in found]
     root = storage.common_root(files)
     problems: list[str] = []
     shards: list[Shard] = []
     rows_in: dict[str, int] = {}
     column_types: dict[str, dict[str, list[str]]] = {}
     total = 0
-    for uri in files:
+    for file in found:
+        uri = file.uri
         path = storage.shown(uri)  # what messages name
         try:
-            meta = open_parquet(uri)
+            metadata, schema = read_footer(file)
         except (pa.ArrowInvalid, OSError) as exc:
             problems.append(f"{path}: not a readable Parquet file ({_first_line(exc)})")
             continue
-        schema = meta.schema_arrow
         names = set(schema.names)
         if template_columns is not None:
             absent = [c for c in template_columns if c not in names]
@@ -237,9 +255,9 @@ def plan_shards(
         wanted = [n for n in schema.names
                   if n in fields or n == id_column or n in passthrough or n in (template_columns or ())]
         source = storage.relative_name(uri, root)
-        rows_in[source] = meta.metadata.num_rows
-        shards.extend(_split(uri, source, meta.metadata, tuple(wanted), rows_per_shard))
-        total += meta.metadata.num_rows
+        rows_in[source] = metadata.num_rows
+        shards.extend(_split(uri, source, metadata, tuple(wanted), rows_per_shard))
+        total += metadata.num_rows
     for name, by_type in column_types.items():
         if len(by_type) > 1:
             kinds = "; ".join(f"{t} in {', '.join(p.rsplit('/', 1)[-1] for p in ps)}" for t, ps in by_type.items())
@@ -262,7 +280,7 @@ def plan_shards(
         total_rows=total,
         id_column=id_column,
         passthrough=tuple(passthrough),
-        fingerprints=file_fingerprints(files, root, rows_in),
+        fingerprints=file_fingerprints(found, root, rows_in),
         passthrough_types={name: next(iter(by_type)) for name, by_type in column_types.items()},
         rows_in=rows_in,
     )
@@ -286,12 +304,12 @@ def limit_rows(plan: ShardPlan, limit: int) -> dict[str, list[int]]:
     return selected
 
 
-def file_fingerprints(files: list[str], root: str, rows_in: dict[str, int]) -> dict[str, str]:
+def file_fingerprints(files: list[storage.Location], root: str, rows_in: dict[str, int]) -> dict[str, str]:
     """Each input file's content identity, by its name relative to `root` (see file_fingerprint).
     Files are fingerprinted a few at a time: reading local files (or asking a store about its
     objects) is most of the cost, and storage serves several requests at once."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
-        sources = [storage.relative_name(f, root) for f in files]
+        sources = [storage.relative_name(f.uri, root) for f in files]
         digests = pool.map(lambda pair: file_fingerprint(pair[0], rows_in[pair[1]]), zip(files, sources))
         return dict(zip(sources, digests))
 
@@ -301,20 +319,25 @@ def file_fingerprints(files: list[str], root: str, rows_in: dict[str, int]) -> d
 OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
 
 
-def file_fingerprint(uri: str, num_rows: int) -> str:
+def file_fingerprint(file: str | storage.Location, num_rows: int) -> str:
     """What identifies a file's content for resuming: its row count, and
 
     * an object on an object store (`OBJECT_STORES`): its size and the time it was written, from
-      one metadata request, without reading it. Rewriting an object (even with the same bytes)
-      gives it a new time, so a changed input is still refused on resume; so is a copy.
+      the listing that found it (`Location.listed`) or else one metadata request, without reading
+      it. Rewriting an object (even with the same bytes) gives it a new time, so a changed input
+      is still refused on resume; so is a copy. A store's listing and its metadata request give
+      an object the same size and time, so a file found by listing a folder on one run and named
+      on its own on the next keeps its fingerprint.
     * any other file (local, or on a store whose files can be edited in place or that reports no
       write time): a hash of every byte. Any edit (two prompts swapped, one changed for another
       of the same length) changes it, while copying or touching the file does not. Streamed, so
       a file of any size is read once in pieces.
     """
-    location = storage.resolve(uri, "input")
+    location = storage.resolve(file, "input") if isinstance(file, str) else file
     if location.filesystem.type_name in OBJECT_STORES:
-        info = location.info()
+        info = location.listed
+        if info is None or info.mtime is None or info.size is None:
+            info = location.info()
         if info.mtime is not None and info.size is not None:
             return f"{num_rows}:store:{info.size}:{info.mtime_ns}"
     digest = hashlib.sha256()

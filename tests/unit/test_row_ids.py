@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -120,6 +121,49 @@ def test_plan_shards_spills_when_the_inputs_hold_more_than_one_partition(tmp_pat
     with pytest.raises(InputError, match=r"1 duplicate id\(s\): 'q29' \(f0.parquet and f1.parquet\)"):
         plan_shards(str(tmp_path / "in"), id_column="uid")
     assert len(spill_folders) == 1 and not os.path.exists(spill_folders[0].name)
+
+
+def test_only_rows_sharing_a_hash_are_counted_by_their_text(tmp_path, monkeypatch):
+    """Unique ids never reach the count by text: each partition's hashes are counted first, and
+    only the rows whose hash another row shares (here the duplicates, and nothing else) go on."""
+    id_lists = [[f"u{i}" for i in range(400)] + ["dup"], [f"v{i}" for i in range(400)] + ["dup"]]
+    paths = write_files(tmp_path, id_lists, row_group_size=100)
+    counted = []
+
+    def spy(tables, real=row_ids._duplicates):
+        tables = list(tables)
+        counted.extend(tables)
+        return real(tables)
+
+    monkeypatch.setattr(row_ids, "_duplicates", spy)
+    for partition_rows in (64, 10_000):  # spilled to 16 partitions, and all in memory
+        counted.clear()
+        assert check(tmp_path, paths, partition_rows) == expected_message(paths, id_lists)
+        assert sorted(v for t in counted for v in t.column("id").to_pylist()) == ["dup", "dup"]
+
+
+def test_hashes_repeated_within_and_across_chunks_are_found_once_each():
+    chunks = [[5, 1, 9, 1], [7, 5, 3], [3, 3, 2], [11]]
+    repeated = row_ids._repeated(np.array(c, np.uint64) for c in chunks)
+    assert repeated.tolist() == [1, 3, 5] and repeated.dtype == np.uint64
+    assert row_ids._repeated(iter([])).tolist() == []
+    assert row_ids._repeated([np.arange(9, dtype=np.uint64)]).tolist() == []
+
+
+@pytest.mark.parametrize("collide", [lambda h: h * 0, lambda h: h % 3])
+def test_ids_that_only_share_a_hash_are_not_duplicates(tmp_path, monkeypatch, collide):
+    """Every id given the same hash, or one of three: each row is then a candidate, and the count
+    by text still finds exactly the real duplicates (and no others)."""
+    real = row_ids._hashes
+    monkeypatch.setattr(row_ids, "_hashes", lambda ids: collide(real(ids)))
+    id_lists = [[f"a{i}" for i in range(120)] + ["dup", None],
+                [f"b{i}" for i in range(120)] + ["dup", "f0.parquet#121"]]
+    paths = write_files(tmp_path, id_lists, row_group_size=50)
+    for partition_rows in (40, 10_000):
+        message = check(tmp_path, paths, partition_rows)
+        assert message == expected_message(paths, id_lists)
+        assert "2 duplicate id(s): 'dup' (f0.parquet and f1.parquet), 'f0.parquet#121'" in message[0]
+    assert check(tmp_path, write_files(tmp_path / "u", [[f"u{i}" for i in range(300)]]), 40) == []
 
 
 ids = st.one_of(st.none(), st.sampled_from(["a", "b", "f0.parquet#1", "f1.parquet#0", "é", ""]),
