@@ -212,7 +212,7 @@ def test_the_first_call_runs_alone_then_the_others_together():
 
 
 def test_without_first_alone_the_first_call_shares_the_engine():
-    llm = FakeLLM(steps=40)
+    llm = FakeLLM(steps=400)  # 0.4 s or more: the second call, 20 ms later, finds the first still running
     loop = EngineLoop(llm)
     _, errors, returned = run_in_order(loop, reqs("a1", "a2"), reqs("b1"))
     assert errors == [None, None]
@@ -220,7 +220,7 @@ def test_without_first_alone_the_first_call_shares_the_engine():
 
 
 def test_only_the_first_call_runs_alone():
-    llm = FakeLLM(steps=40)
+    llm = FakeLLM(steps=400)  # a1 still runs when b1 arrives 20 ms later, even on a loaded machine
     loop = EngineLoop(llm, first_alone=True)
     assert [o.value for o in loop.run(reqs("first"))] == ["out:first"]
     _, errors, _ = run_in_order(loop, reqs("a1"), reqs("b1"))
