@@ -54,6 +54,7 @@ def run_job(args, model_path: str, input_path: str, workdir: Path, mem: TreeMemo
     return RunResult(
         name=label, rows=manifest["counts"]["rows_out"], output_tokens=manifest["tokens"]["completion"],
         prompt_tokens=manifest["tokens"]["prompt"], wall_s=wall,
+        cached_tokens=(manifest.get("prefix_cache") or {}).get("cached_tokens"),
         # From calling the job (settings, planning, engine start included) to its first batch of
         # output rows handed to the commit: what a user waits for the first committed row.
         time_to_first_row_s=first[0] - started if first else None,

@@ -193,7 +193,7 @@ def test_the_jobs_first_row_is_compared_with_the_bare_engines_start_up():
 
 def test_flags_default_to_every_phase_and_refuse_unknown_ones(capsys):
     args = parse_args([])
-    assert args.phases == ["train", "bare", "job", "raydata", "lora", "label"] and args.rows == 512
+    assert args.phases == ["train", "bare", "job", "raydata", "lora", "label", "prefix"] and args.rows == 512
     assert parse_args(["--phases", "bare, job"]).phases == ["bare", "job"]
     with pytest.raises(SystemExit):
         parse_args(["--phases", "bare,gpu"])

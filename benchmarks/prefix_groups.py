@@ -1,0 +1,114 @@
+"""Rows grouped by shared prefix (`--phases prefix`): several short questions about each of many
+long documents, shuffled, short answers (the common synthetic-data shape), with a KV cache too
+small to hold every document at once.
+
+In input order, a document is evicted from an engine's prefix cache long before the next
+question about it comes, so it is prefilled again for nearly every row; the job groups each
+prepared block's rows by prompt tokens (`prepare.group_prefixes`, `pipeline.generate.prefix_groups`)
+so that a document's questions meet in the engine together. Four runs on the same rows: the job
+with grouping on and off, and bare vLLM given the rows in input order and sorted the same way;
+ratios within the run, and each run's prefix-cache hit rate (the share of prompt tokens the
+engine found in its cache: the job's manifest, `RequestOutput.num_cached_tokens` for bare vLLM).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from benchmarks import bare_vllm
+from benchmarks.job import run_job
+from benchmarks.job_config import job_setup
+from benchmarks.labelling import TOKENS_PER_WORD
+from benchmarks.report import log
+from benchmarks.results import ratio, same_texts
+from benchmarks.workload import WORDS, prepared_table, write_requests
+
+NAME = "prefix"
+JOB_ON, JOB_OFF = "job, grouped", "job, input order"
+BARE_SORTED, BARE_INPUT = "bare vLLM, sorted", "bare vLLM, input order"
+
+
+def make_document_requests(documents: int, questions: int, document_tokens: int, max_tokens: int,
+                           seed: int) -> list[dict]:
+    """`questions` short questions about each of `documents` documents of about `document_tokens`
+    tokens (the document in the system message, the question in the user's), shuffled; greedy
+    answers of at most `max_tokens` tokens."""
+    rng = random.Random(f"documents-{seed}")
+    rows = []
+    for d in range(documents):
+        text = " ".join(rng.choice(WORDS) for _ in range(max(1, int(document_tokens / TOKENS_PER_WORD))))
+        system = f"Answer questions about this document in a few words.\nDocument {d}: {text}."
+        for q in range(questions):
+            question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "?"
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+            rows.append({"messages": json.dumps(messages), "max_tokens": max_tokens, "temperature": 0.0})
+    rng.shuffle(rows)
+    return rows
+
+
+def prefix_comparison(args, model_path, workdir, mem, time_left) -> dict:
+    """The four runs on `--prefix-documents` x `--prefix-questions` rows; the results' `prefix`."""
+    from pipeline.generate.prefix_groups import group_by_prefix
+
+    requests = make_document_requests(args.prefix_documents, args.prefix_questions, args.prefix_document_tokens,
+                                      args.prefix_max_tokens, args.seed)
+    input_path = write_requests(workdir / f"{NAME}.parquet", requests)
+    setup = job_setup(args, model_path, input_path)
+    engine_kwargs = setup.engine_kwargs(kv_cache_gib=args.prefix_kv_cache_gib)
+    prepared = prepared_table(input_path, setup.settings, model_path)
+    lengths = sorted(len(t) for t in prepared.column("_prompt_token_ids").to_pylist())
+    per_token = kv_bytes_per_token(model_path, engine_kwargs["dtype"])
+    kv_tokens = int(engine_kwargs["kv_cache_memory_bytes"] // per_token) if per_token else None
+    log(f"{len(requests)} rows: {args.prefix_documents} documents x {args.prefix_questions} questions, prompt tokens "
+        f"{lengths[0]}-{lengths[-1]}; KV cache {args.prefix_kv_cache_gib} GiB = about {kv_tokens} tokens")
+    kv = f"engine.kv_cache_gib={args.prefix_kv_cache_gib}"
+    plan = [
+        (JOB_ON, lambda: run_job(args, model_path, input_path, workdir, mem, JOB_ON, (kv, "prepare.group_prefixes=true"))),
+        (JOB_OFF, lambda: run_job(args, model_path, input_path, workdir, mem, JOB_OFF, (kv, "prepare.group_prefixes=false"))),
+        (BARE_SORTED, lambda: bare_vllm.run_bare(group_by_prefix(prepared), engine_kwargs, mem, workdir)),
+        (BARE_INPUT, lambda: bare_vllm.run_bare(prepared, engine_kwargs, mem, workdir)),
+    ]
+    runs = {}
+    for name, run in plan:
+        if not time_left(f"{NAME}: {name}"):
+            continue
+        log(f"{NAME}: {name} ...")
+        r = run()
+        r.name, r.phase = name, NAME
+        log(f"  {name}: wall {r.wall_s:.1f}s" + (f", generate() {r.generate_s:.1f}s" if r.generate_s else "")
+            + f", prefix-cache hit rate {r.prefix_cache_hit_rate}")
+        runs[name] = r
+    reference = runs.get(BARE_INPUT) or runs.get(BARE_SORTED)
+    for r in runs.values():
+        r.compared["same_text_as_bare"] = same_texts(r.texts, reference.texts) if reference else None
+    on, off, bare_on, bare_off = (runs.get(n) for n in (JOB_ON, JOB_OFF, BARE_SORTED, BARE_INPUT))
+    return {
+        "rows": len(requests), "documents": args.prefix_documents, "questions": args.prefix_questions,
+        "max_tokens": args.prefix_max_tokens, "kv_cache_gib": args.prefix_kv_cache_gib, "kv_cache_tokens": kv_tokens,
+        "prompt_tokens": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1],
+                          "total": sum(lengths)},
+        "engine_kwargs": engine_kwargs,
+        "runs": [r.to_dict() for r in runs.values()],
+        # Wall time of input order over grouped: how many times faster grouping is.
+        "speedup": {
+            "job": ratio(off.wall_s if off else None, on.wall_s if on else None),
+            "bare_vllm_generate": ratio(bare_off.generate_s if bare_off else None,
+                                        bare_on.generate_s if bare_on else None),
+            "bare_vllm_wall": ratio(bare_off.wall_s if bare_off else None, bare_on.wall_s if bare_on else None),
+            "job_grouped_over_bare_sorted_wall": ratio(on.wall_s if on else None, bare_on.wall_s if bare_on else None),
+        },
+    }
+
+
+def kv_bytes_per_token(model_path: str, dtype: str) -> int | None:
+    """The KV cache one token takes in every layer (keys and values), from a local model's
+    config and the engine's dtype; None for a model that is not a local folder."""
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    dtype = config.get("torch_dtype") or config.get("dtype") if dtype == "auto" else dtype
+    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * (4 if "32" in str(dtype) else 2)
