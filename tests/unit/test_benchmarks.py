@@ -4,6 +4,7 @@ engines themselves run in tests/integration/test_benchmark_script.py."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -238,6 +239,21 @@ def test_labelling_rows_share_one_long_instruction_and_differ_in_a_short_text():
 def test_the_labelling_phase_has_its_own_flags():
     args = parse_args(["--phases", "label", "--label-rows", "8", "--label-max-tokens", "2"])
     assert (args.phases, args.label_rows, args.label_max_tokens, args.label_instruction_tokens) == (["label"], 8, 2, 1000)
+
+
+def test_prefix_rows_are_questions_about_long_documents_shuffled():
+    from benchmarks.prefix_groups import make_document_requests
+
+    rows = make_document_requests(5, 4, document_tokens=400, max_tokens=8, seed=1)
+    assert rows == make_document_requests(5, 4, document_tokens=400, max_tokens=8, seed=1)
+    systems = [json.loads(r["messages"])[0]["content"] for r in rows]
+    assert sorted(Counter(systems).values()) == [4] * 5  # each document asked 4 questions
+    assert all(len(s.split()) > 200 for s in systems)  # ~400 tokens each
+    assert len(set(systems[:5])) > 2  # shuffled: the first rows are about several documents
+    assert {(r["max_tokens"], r["temperature"]) for r in rows} == {(8, 0.0)}
+    args = parse_args(["--phases", "prefix"])
+    assert (args.prefix_documents, args.prefix_questions, args.prefix_document_tokens, args.prefix_kv_cache_gib) == \
+           (16, 8, 1000, 0.008)
 
 
 def test_canned_answers_are_rows_of_the_jobs_output_schema():
