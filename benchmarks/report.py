@@ -81,7 +81,9 @@ def prefix_section(px: dict) -> list[str]:
             table(px["runs"], MAIN_COLUMNS[:5] + [("generate() s", "generate_s", ".1f"),
                                                   ("cache hit rate", "prefix_cache_hit_rate", ".3f"),
                                                   ("same text", "same_text_as_bare", ".2f")]),
-            "input order / grouped, wall time: " + ", ".join(f"{k} {v}" for k, v in px["speedup"].items())]
+            "input order / grouped (median, per repeat): "
+            + ", ".join(f"{k} {v['median']} {v['per_repeat']}" for k, v in px["speedup"].items()),
+            f"job grouped / bare vLLM sorted, wall: {px['job_grouped_over_bare_sorted_wall']['median']}"]
 
 
 def lora_section(lo: dict) -> list[str]:
