@@ -36,7 +36,7 @@ def prefix_order(token_ids: pa.Array | pa.ChunkedArray, loras: list[str | None] 
     if n == 0:
         return []
     offsets = token_ids.offsets.to_numpy(zero_copy_only=False)
-    # The values a list array's offsets point into (`.values` ignores a sliced array's offset).
+    # The child values, unsliced: `.offsets` (slice-aware) index into them.
     flat = token_ids.values.to_numpy(zero_copy_only=False)
     data = flat.astype(">u4", copy=False).tobytes()
     valid = token_ids.is_valid().to_numpy(zero_copy_only=False)
