@@ -95,3 +95,6 @@ def test_grouped_rows_are_the_same_rows_each_document_in_one_batch(generate_job,
         assert sum(n["prompt_tokens"] for n in cache["by_node"].values()) == cache["prompt_tokens"]
     assert on["prefix_cache"]["hit_rate"] > 0.7
     assert on["prefix_cache"]["hit_rate"] > off["prefix_cache"]["hit_rate"], (on["prefix_cache"], off["prefix_cache"])
+    # The report's headline figures show it.
+    report = open(os.path.join(on_out, "report.html"), encoding="utf-8").read()
+    assert f'<div class="k">prefix cache hit rate</div><div class="v">{on["prefix_cache"]["hit_rate"]:.4g}</div>' in report
