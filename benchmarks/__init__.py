@@ -1,10 +1,11 @@
 """Throughput and memory of the generation job against bare vLLM and Ray Data LLM.
 
-    python -m benchmarks                           # bare vLLM, the job, Ray Data LLM, LoRA, training, labelling
+    python -m benchmarks                           # bare vLLM, the job, Ray Data LLM, LoRA, training, labelling, prefix
     python -m benchmarks --rows 512 --max-tokens 128 --repeats 2 --out results.json
     python -m benchmarks --phases bare,job --job-set batch_size=256    # try a job setting
     python -m benchmarks --memory-scan             # peak memory at 1k, 5k and 20k rows: the job, bare vLLM
     python -m benchmarks --phases label            # rows sharing a ~1,000-token instruction, short answers
+    python -m benchmarks --phases prefix           # questions about many long documents: rows grouped or not
     python -m benchmarks --driver-scale            # planning 10,000 files, committing 1 M rows, no engine
 
 Everything runs in one process, with the project's tiny model on the CPU, against one Ray instance
@@ -23,7 +24,8 @@ One module per contender, each returning a `results.RunResult` (or `TrainResult`
     plain_peft    the textbook PEFT training loop, against `pipeline.train.job` (`training`)
 
 and one per comparison: `generation` (the first three), `labelling` (the first three on rows that
-share a long instruction), `lora`, `training`, `batch_scan`, `memory_scan`, and `driver_scale` (the
+share a long instruction), `prefix_groups` (the job grouped by prefix and not, bare vLLM on sorted
+and shuffled rows, with their prefix-cache hit rates), `lora`, `training`, `batch_scan`, `memory_scan`, and `driver_scale` (the
 driver's planning and commit limits, no engine). `memory` samples the process tree, `report`
 prints, `cli` reads the flags. `--device gpu --model llama-3.1-8b-instruct-awq` runs the same
 comparisons on a GPU with the job's GPU settings.

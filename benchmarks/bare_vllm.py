@@ -67,7 +67,7 @@ chunk = spec.get("chunk") or table.num_rows
 started = time.perf_counter()
 llm = LLM(**spec["engine_kwargs"])
 ready = time.perf_counter()
-texts, output_tokens, prompt_tokens = {}, 0, 0
+texts, output_tokens, prompt_tokens, cached_tokens = {}, 0, 0, 0
 for first in range(0, table.num_rows, chunk):
     rows = table.slice(first, chunk)
     prompts = [TokensPrompt(prompt_token_ids=t) for t in rows.column("_prompt_token_ids").to_pylist()]
@@ -75,11 +75,13 @@ for first in range(0, table.num_rows, chunk):
     for row_id, o in zip(rows.column("_id").to_pylist(), llm.generate(prompts, params, use_tqdm=False)):
         output_tokens += len(o.outputs[0].token_ids)
         prompt_tokens += len(o.prompt_token_ids)
+        cached_tokens += o.num_cached_tokens or 0
         if spec["keep_texts"]:
             texts[row_id] = o.outputs[0].text
 finished = time.perf_counter()
 json.dump({"import_s": imported - began, "engine_start_s": ready - started, "generate_s": finished - ready,
-           "texts": texts, "output_tokens": output_tokens, "prompt_tokens": prompt_tokens}, open(spec["out"], "w"))
+           "texts": texts, "output_tokens": output_tokens, "prompt_tokens": prompt_tokens,
+           "cached_tokens": cached_tokens}, open(spec["out"], "w"))
 """
 
 
@@ -118,5 +120,5 @@ def run_bare(prepared, engine_kwargs: dict, mem: TreeMemory, workdir=None, chunk
         # LLM.generate returns every row at once, at the end.
         time_to_first_row_s=wall, memory=memory_figures(w),
         engine_start_s=got["engine_start_s"], generate_s=got["generate_s"], vllm_import_s=got["import_s"],
-        startup_s=got["import_s"] + got["engine_start_s"], texts=got["texts"],
+        startup_s=got["import_s"] + got["engine_start_s"], texts=got["texts"], cached_tokens=got["cached_tokens"],
     )

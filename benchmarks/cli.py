@@ -15,7 +15,7 @@ import benchmarks
 from benchmarks.memory import GiB
 from benchmarks.report import log, report
 
-PHASES = ("train", "bare", "job", "raydata", "lora", "label")
+PHASES = ("train", "bare", "job", "raydata", "lora", "label", "prefix")
 CONTENDERS = ("bare", "job", "raydata")
 
 
@@ -54,6 +54,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label-max-tokens", type=int, default=4, help="answer tokens per labelling row (default 4)")
     p.add_argument("--label-instruction-tokens", type=int, default=1000,
                    help="about how many tokens the labelling rows' shared instruction has (default 1000)")
+    p.add_argument("--prefix-documents", type=int, default=16,
+                   help="documents of the grouped-prefix comparison (phase prefix; default 16)")
+    p.add_argument("--prefix-questions", type=int, default=8, help="questions about each document (default 8)")
+    p.add_argument("--prefix-document-tokens", type=int, default=1000,
+                   help="about how many tokens each document has (default 1000)")
+    p.add_argument("--prefix-max-tokens", type=int, default=8, help="answer tokens per question (default 8)")
+    p.add_argument("--prefix-kv-cache-gib", type=float, default=0.008,
+                   help="every engine's KV cache in the prefix phase (default 0.008: about 4,000 tokens of the "
+                        "tiny model, a quarter of the documents)")
     p.add_argument("--driver-scale", action="store_true",
                    help="only the driver's limits, with no engine: planning many files, committing many rows")
     p.add_argument("--scale-files", type=int, default=10_000, help="input files of --driver-scale's planning")
@@ -200,6 +209,7 @@ def run_comparisons(args, model_path: str, workdir: Path, mem, time_left, result
     from benchmarks.generation import main_comparison
     from benchmarks.labelling import labelling_comparison
     from benchmarks.lora import lora_comparison
+    from benchmarks.prefix_groups import prefix_comparison
     from benchmarks.memory_scan import memory_scan
     from benchmarks.training import train_comparison
 
@@ -222,3 +232,5 @@ def run_comparisons(args, model_path: str, workdir: Path, mem, time_left, result
                                                         time_left)
         if "lora" in args.phases and time_left("lora"):
             results["lora"] = lora_comparison(args, model_path, workdir, mem)
+        if "prefix" in args.phases and time_left("prefix"):
+            results["prefix"] = prefix_comparison(args, model_path, workdir, mem, time_left)

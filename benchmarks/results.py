@@ -73,8 +73,15 @@ class RunResult:
     compared: dict = field(default_factory=dict)
     """Figures relative to other contenders of the same repeat, written as they are (null
     included): same_text_as_bare, over_bare, over_raydata."""
+    cached_tokens: int | None = None
+    """Prompt tokens the engine found in its prefix cache (not prefilled again)."""
     texts: dict = field(default_factory=dict, repr=False)
     """Row id -> generated text: compared between contenders, never written."""
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        """The share of prompt tokens the engine found in its prefix cache."""
+        return round(self.cached_tokens / self.prompt_tokens, 4) if self.cached_tokens is not None and self.prompt_tokens else None
 
     @property
     def rows_per_s(self) -> float:
@@ -107,6 +114,8 @@ class RunResult:
             "vllm_import_s": rounded(self.vllm_import_s, 2),
             "startup_s": rounded(self.startup_s, 2),
             "output_batches": self.output_batches,
+            "cached_tokens": self.cached_tokens,
+            "prefix_cache_hit_rate": self.prefix_cache_hit_rate,
             "settings": self.settings,
         }
         kept = {k: v for k, v in figures.items() if v is not None or k in ALWAYS}

@@ -198,7 +198,8 @@ def vllm_rank(rank: int) -> int:
 
 
 # Settings that change what a row's output is. Everything else (workers, batch sizes, Ray,
-# progress) only changes how fast it comes, and may differ between a run and its resume.
+# progress; the order rows reach the engines, prepare.group_prefixes, since each row is seeded by
+# its own id) only changes how fast it comes, and may differ between a run and its resume.
 OUTPUT_SETTINGS = (
     ("model", ("name", "path", "seed", "quantization", "revision")),
     ("engine", ("dtype", "max_model_len", "quantization", "ignore_eos", "compact_json", "batch_invariant")),

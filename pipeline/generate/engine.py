@@ -207,6 +207,7 @@ class GenerationWorker:
                     continue
                 completion = out.outputs[0]
                 cols["prompt_tokens"][i] = len(out.prompt_token_ids)
+                cols["cached_tokens"][i] = out.num_cached_tokens
                 cols["completion_tokens"][i] = len(completion.token_ids)
                 cols["finish_reason"][i] = completion.finish_reason
                 top = json.loads(params[i]).get("logprobs")

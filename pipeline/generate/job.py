@@ -182,6 +182,8 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
                 "adapters": adapters.adapters,
                 "counts": stats.counts(),
                 "tokens": stats.tokens(),
+                # the share of this run's prompt tokens its engines did not prefill again
+                "prefix_cache": stats.prefix_cache(),
                 "wall_time_s": round(finished - started, 3),
                 "throughput": stats.throughput(finished - started),
                 "nodes": stats.nodes,  # rows this run's engines answered, per Ray node id
@@ -341,7 +343,10 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
     ds = ray.data.read_datasource(datasource, override_num_blocks=len(shards))
     # Tasks and engines find the model on their own node (pipeline.generate.node_model).
     source = model_source(settings.model, model_path)
+    # Each prepared block's rows sorted by prompt tokens (prepare.group_prefixes): the batches cut
+    # from it below are consecutive rows, so rows sharing a prefix reach an engine together.
     prepare = functools.partial(prepare_block_on_node, model_source=source,
+                                group_prefixes=settings.prepare.group_prefixes,
                                 **preparer_args(settings, model_path, adapters, revision))
     ds = ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, num_cpus=settings.prepare.num_cpus)
     # Ray Data merges a task's outputs into one block, so without this a whole read shard would

@@ -37,6 +37,9 @@ OUTPUT_SCHEMA = pa.schema(
         ("tool_calls", pa.list_(TOOL_CALL_TYPE)),
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
+        # Of the prompt tokens, those the engine's prefix cache held already (not prefilled again);
+        # depends on what the engine ran before the row, so it can differ between runs.
+        ("cached_tokens", pa.int64()),
         ("finish_reason", pa.string()),
         ("error", pa.string()),
         ("seed", pa.int64()),

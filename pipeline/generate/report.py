@@ -215,6 +215,7 @@ def render(summary: OutputSummary) -> str:
         ("rows/s", throughput.get("rows_per_s")),
         ("output tokens/s", throughput.get("output_tokens_per_s")),
         ("first row after (s)", throughput.get("time_to_first_row_s")),
+        ("prefix cache hit rate", (manifest.get("prefix_cache") or {}).get("hit_rate")),
     ]
     sections = [
         _job_section(summary),

@@ -121,6 +121,11 @@ class DatasetSettings:
 class PrepareSettings:
     num_cpus: float = 0.25
     """Ray CPUs per validation/rendering/tokenization task."""
+    group_prefixes: bool = True
+    """Each prepared block's rows in the order of their prompt tokens, so that rows sharing a
+    prefix reach the same engine together, while it is in that engine's prefix cache
+    (`pipeline.generate.prefix_groups`). Changes only the order of rows, never a row: not part
+    of the job's identity (`config.OUTPUT_SETTINGS`), so a job may resume with it changed."""
 
 
 @dataclass(frozen=True)
@@ -417,6 +422,7 @@ def _problems(s: dict) -> list[str]:
                         "workers commits parts in the engine workers, the driver keeping only the ledger")
     need_bool("verbose", s.get("verbose", False))
     need_bool("first_batch_alone", s.get("first_batch_alone", True))
+    need_bool("prepare.group_prefixes", (s.get("prepare") or {}).get("group_prefixes", True))
     need_int("engine.max_model_len", engine.get("max_model_len"), 16)
     need_int("engine.tensor_parallel_size", engine.get("tensor_parallel_size"), 1)
     if engine.get("kv_cache_gib") is not None and not (

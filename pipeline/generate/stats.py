@@ -45,6 +45,8 @@ def batch_counts(batch: pa.Table) -> dict:
         "prompt_tokens": int(pc.sum(batch.column("prompt_tokens")).as_py() or 0),
         "completion_tokens": int(pc.sum(batch.column("completion_tokens")).as_py() or 0),
     }
+    if "cached_tokens" in batch.column_names:
+        counts["cached_tokens"] = int(pc.sum(batch.column("cached_tokens")).as_py() or 0)
     for name, column in (("tool_parse", "tool_parse"), ("finish_reasons", "finish_reason")):
         found: dict = {}
         for value in batch.column(column).to_pylist():
@@ -74,6 +76,8 @@ class RunStats:
     timeline: list = field(default_factory=list)
     # Rows this run's engines answered, per Ray node id.
     nodes: dict = field(default_factory=dict)
+    # This run's prompt tokens and those its engines' prefix caches held already, per Ray node id.
+    prefix_tokens: dict = field(default_factory=dict)
 
     def add(self, batch: pa.Table, resumed: bool = False, node: str | None = None) -> None:
         self.add_counts(batch_counts(batch), resumed=resumed, node=node)
@@ -83,6 +87,10 @@ class RunStats:
         rows, completion = counts["rows"], counts["completion_tokens"]
         if node is not None:
             self.nodes[node] = self.nodes.get(node, 0) + rows
+        if not resumed:
+            cached = self.prefix_tokens.setdefault(node, [0, 0])
+            cached[0] += counts["prompt_tokens"]
+            cached[1] += counts.get("cached_tokens", 0)
         if resumed:
             self.resumed_rows += rows
             self.resumed_completion_tokens += completion
@@ -112,6 +120,18 @@ class RunStats:
 
     def tokens(self) -> dict:
         return {"prompt": self.prompt_tokens, "completion": self.completion_tokens}
+
+    def prefix_cache(self) -> dict:
+        """How much of this run's prompt tokens the engines' prefix caches held already (vLLM's
+        per-request `num_cached_tokens`): in all, and per Ray node id."""
+        def figures(prompt: int, cached: int) -> dict:
+            return {"prompt_tokens": prompt, "cached_tokens": cached,
+                    "hit_rate": round(cached / prompt, 4) if prompt else None}
+
+        prompt = sum(p for p, _ in self.prefix_tokens.values())
+        cached = sum(c for _, c in self.prefix_tokens.values())
+        by_node = {node: figures(*pc) for node, pc in sorted(self.prefix_tokens.items()) if node is not None}
+        return {**figures(prompt, cached), "by_node": by_node}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

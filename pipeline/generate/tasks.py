@@ -14,6 +14,7 @@ import pyarrow as pa
 from pipeline.errors import JobFailure
 from pipeline.generate.config import AdapterSet
 from pipeline.generate.planning import Shard, open_parquet
+from pipeline.generate.prefix_groups import group_by_prefix
 from pipeline.generate.prepare import JOB_DEFAULTS, Preparer, canonical_block, job_request_defaults, unreadable_block
 from pipeline.generate.settings import GenerationSettings
 from pipeline.generate.sinks import Resume
@@ -53,8 +54,11 @@ def preparer_args(settings: GenerationSettings, model_path: str, adapters: Adapt
     }
 
 
-def prepare_block(block: pa.Table, **kwargs) -> pa.Table:
-    return _preparer(**kwargs).prepare_block(block)
+def prepare_block(block: pa.Table, group_prefixes: bool = False, **kwargs) -> pa.Table:
+    """A canonical block's rows prepared for the engines (`Preparer.prepare_block`); with
+    `group_prefixes`, rows that share a prompt prefix next to each other (`prefix_groups`)."""
+    prepared = _preparer(**kwargs).prepare_block(block)
+    return group_by_prefix(prepared) if group_prefixes else prepared
 
 
 @functools.lru_cache(maxsize=4)

