@@ -70,11 +70,12 @@ def prefix_comparison(args, model_path, workdir, mem, time_left) -> dict:
         (BARE_SORTED, lambda: bare_vllm.run_bare(group_by_prefix(prepared), engine_kwargs, mem, workdir)),
         (BARE_INPUT, lambda: bare_vllm.run_bare(prepared, engine_kwargs, mem, workdir)),
     ]
-    # A one-row job first: the first job in a Ray instance starts its worker processes (about 20 s
-    # on a busy 2-core machine), which would be counted against whichever contender runs first.
+    # With --job-in-ray, a one-row job first: the first job in a Ray instance starts its worker
+    # processes (about 20 s on a busy 2-core machine), which would be counted against whichever
+    # contender runs first. A job run as its own process starts its own Ray every time.
     one_row = write_requests(workdir / f"{NAME}-one-row.parquet", requests[:1])
     warm_up_s = None
-    if time_left(f"{NAME}: warm-up"):
+    if getattr(args, "job_in_ray", False) and time_left(f"{NAME}: warm-up"):
         log(f"{NAME}: a one-row job to start Ray's workers ...")
         warm_up_s = round(run_job(args, model_path, one_row, workdir, mem, "warm-up", (kv,)).wall_s, 2)
         log(f"  warm-up: wall {warm_up_s:.1f}s")
