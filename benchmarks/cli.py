@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     mem = TreeMemory()
     if needs_ray(args):
         # The job's settings reach this Ray's workers through the environment it inherits (set above),
-        # as a Ray the job starts itself passes them (pipeline.generate.job._init_ray).
+        # as a Ray the job starts itself passes them (pipeline.generate.ray_session.start_ray).
         ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

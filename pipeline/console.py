@@ -151,7 +151,7 @@ def worker_log_lines(own_loggers: str = "pipeline") -> None:
     first batch's answer) on the worker's stderr, which Ray sends to the driver and the driver to
     the job's log file, so that the log holds the worker's side of the job's timeline. A Ray
     worker's root logger passes warnings only. The job names this as its workers' setup hook
-    (`pipeline.generate.job._init_ray`) when it joins a running Ray; in a Ray the job starts, the
+    (`pipeline.generate.ray_session.start_ray`) when it joins a running Ray; in a Ray the job starts, the
     engine and prepare tasks call it themselves."""
     logger = logging.getLogger(own_loggers)
     if any(getattr(h, "_job_worker_lines", False) for h in logger.handlers):

@@ -14,7 +14,6 @@ parts the same way and the driver takes only their ledger entries (`pipeline.gen
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 from collections import Counter
 import functools
@@ -36,10 +35,11 @@ from pipeline.generate import dataset_inputs
 from pipeline.generate.config import AdapterSet
 from pipeline.generate.node_model import model_source, prepare_block_on_node
 from pipeline.node_cache import cache_root
-from pipeline.generate.settings import GenerationSettings, RaySettings, Resources, resolve_resources
+from pipeline.generate.settings import GenerationSettings, Resources, resolve_resources
 from pipeline.errors import JobFailure, find_failure
 from pipeline.manifests import iso_time, package_versions
 from pipeline.generate.planning import Shard, ShardPlan, limit_rows, plan_shards
+from pipeline.generate.ray_session import node_id, shutdown_ray, start_ray
 from pipeline.row_templates import RowTemplate
 from pipeline.generate.retry import RetryError, replace_rows, rows_to_redo
 from pipeline.generate.sinks import JOB, OutputDir, Resume, output_dir
@@ -106,7 +106,7 @@ def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
 def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: float, model_path: str,
          plan: ShardPlan, selected: dict[str, list[int]] | None, model: dict, adapters: AdapterSet) -> dict:
     planned_rows = sum(len(r) for r in selected.values()) if selected is not None else plan.total_rows
-    _init_ray(settings.ray)
+    start_ray(settings.ray)
     resources = ray.cluster_resources()
     alive = [n for n in ray.nodes() if n.get("Alive")]
     node_cpus = max((n["Resources"].get("CPU", 0) for n in alive), default=None)
@@ -123,11 +123,11 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
         resume = out.open(job_config.fingerprint(settings, resolved, plan, adapters, model))
         if settings.retry:
             manifest = _redo_failed_rows(settings, console, out, resume, resolved, plan, model_path, adapters, model)
-            _shutdown(settings.ray)
+            shutdown_ray(settings.ray)
             return manifest
         if resume.complete:
             console.print(f"{out.shown} already holds this job's complete output; nothing to do")
-            _shutdown(settings.ray)
+            shutdown_ray(settings.ray)
             return resume.manifest
         console.print(
             f"generate: {planned_rows * settings.n:,} rows from {len(plan.files)} file(s) -> {out.shown}; "
@@ -200,7 +200,7 @@ def _run(settings: GenerationSettings, console: JobConsole, on_batch, started: f
     # waiting for Ray's processes to exit.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="report") as pool:
         drawn = pool.submit(_write_report, out.path)
-        _shutdown(settings.ray)
+        shutdown_ray(settings.ray)
         report = drawn.result()
     lines = [stats.summary(out.shown)]
     if report:
@@ -327,11 +327,6 @@ def _upload_log(console: JobConsole, output: storage.Location) -> None:
                     output.join("logs", LOG_FILE).shown, exc)
 
 
-def _shutdown(ray_settings: RaySettings) -> None:
-    if ray_settings.shutdown and ray.is_initialized():
-        ray.shutdown()
-
-
 def build_dataset(settings: GenerationSettings, resources: Resources, plan: ShardPlan, shards: list[Shard],
                   resume: Resume, model_path: str, adapters: AdapterSet, revision: str | None = None,
                   selected: dict[str, list[int]] | None = None, retry: dict | None = None,
@@ -360,7 +355,7 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
             "engine": engine,
             "model_path": model_path,
             "model_source": source,
-            "node_id": _node_id,
+            "node_id": node_id,
             "adapters": adapters.adapters,
             "passthrough": list(plan.passthrough),
             "revision": revision,
@@ -423,58 +418,3 @@ class ShardDatasource(Datasource):
             )
             for shard in self.shards
         ]
-
-
-def _node_id() -> str:
-    """The Ray node the calling process runs on (engines tag their batches with it)."""
-    return ray.get_runtime_context().get_node_id()
-
-
-@contextlib.contextmanager
-def _environment(env: dict[str, str]):
-    """`env` set in this process's environment inside the block, as it was before after it."""
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _init_ray(ray_settings: RaySettings) -> None:
-    if ray.is_initialized():
-        return
-    # address null starts a Ray here: "local", since ray.init(address=None) would join a Ray that
-    # `ray start` left running on this machine instead.
-    kwargs = {"address": ray_settings.address or "local", "log_to_driver": ray_settings.log_to_driver}
-    if ray_settings.address is None:
-        # Only what the job uses: no dashboard unless asked for (a Ray joined keeps its own).
-        kwargs["include_dashboard"] = ray_settings.dashboard
-        if ray_settings.num_cpus is not None:
-            kwargs["num_cpus"] = ray_settings.num_cpus
-    env = {"TOKENIZERS_PARALLELISM": "false", **{k: str(v) for k, v in ray_settings.env.items()}}
-    if ray_settings.address is None:
-        # A Ray started here hands its workers this process's environment, so the settings go
-        # there, for as long as Ray starts. A runtime environment would do the same at a cost:
-        # Ray starts a new worker process for each task and actor of a job that has one, instead
-        # of the idle workers it starts with (about a second per engine on a 2-core machine, and
-        # the idle workers' start-up spent for nothing). The workers' own INFO lines reach the
-        # job's log through pipeline.console.worker_log_lines, which the engine and prepare
-        # tasks call themselves.
-        with _environment(env):
-            ray.init(**kwargs)
-    else:
-        # A Ray joined has its own environment: the settings travel as the job's runtime environment,
-        # whose setup hook sends every worker's own INFO lines to the job's log (engine start, first
-        # batch: its timeline).
-        kwargs["runtime_env"] = {"env_vars": env, "worker_process_setup_hook": "pipeline.console.worker_log_lines"}
-        ray.init(**kwargs)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(ray_settings.progress_bars)
-    ctx.print_on_execution_start = False
-
-

@@ -24,13 +24,13 @@ def ray_session(s3_server):
     import ray
 
     if not ray.is_initialized():
-        from pipeline.generate.job import _environment
+        from pipeline.generate.ray_session import environment
 
         # PIPELINE_WNA16_FALLBACK=on: 4-bit (AWQ) layers take the path of CPUs without vLLM's
         # 4-bit kernel (AVX2), whatever this machine's CPU; float models are unaffected. Set for
         # Ray's workers only (they inherit the environment Ray starts with, as in a job's own Ray),
         # not for the engines the tests start in this process.
-        with _environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
+        with environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
                            "PIPELINE_WNA16_FALLBACK": "on"}):
             ray.init(
                 # A Ray of the session's own, never another that runs on this machine (a server under

@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import json, os, sys
 import ray
-from pipeline.generate.job import _init_ray
+from pipeline.generate.ray_session import start_ray
 from pipeline.generate.settings import RaySettings
 
-_init_ray(RaySettings(num_cpus=1, env={"PIPELINE_PROBE": "on"}))
+start_ray(RaySettings(num_cpus=1, env={"PIPELINE_PROBE": "on"}))
 job = ray.get_runtime_context().get_job_id()
 
 @ray.remote(num_cpus=0)
