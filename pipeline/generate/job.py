@@ -375,8 +375,10 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
         batch_format="pyarrow",
         num_cpus=resources.num_cpus,
         num_gpus=resources.num_gpus,
-        max_restarts=-1 if settings.ray.restart_actors else 0,
-        max_task_retries=-1 if settings.ray.restart_actors else 0,
+        # A dead engine is replaced and its batches redone: Ray Data's own default for an actor
+        # pool (max_restarts and max_task_retries -1). Turning it off has no named parameter in
+        # Ray 2.60, only the extra remote arguments it warns about.
+        **({} if settings.ray.restart_actors else {"max_restarts": 0, "max_task_retries": 0}),
     )
     return ds
 
