@@ -121,8 +121,9 @@ class GenerationWorker:
     def __init__(self, engine: dict, model_path: str, adapters: dict[str, dict], passthrough: list[str],
                  revision: str | None = None, samples: int = 1, retry: dict | None = None,
                  model_source: dict | None = None, node_id: Callable[[], str] | None = None,
-                 committer: PartCommitter | None = None):
-        worker_log_lines()  # this worker's timeline (vLLM import, engine start, first batch) in the job's log
+                 committer: PartCommitter | None = None, log_lines: bool = False):
+        if log_lines:  # in the job's Ray worker: its timeline (vLLM import, engine start, first batch) in the job's log
+            worker_log_lines()
         if model_source is not None:  # the driver's model, found or made on this node
             model_path = node_model_path(model_source)
         # vLLM's engine core in its own process or in this one, as the job resolved it

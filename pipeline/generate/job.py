@@ -340,7 +340,8 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
     source = model_source(settings.model, model_path)
     # Each prepared block's rows sorted by prompt tokens (prepare.group_prefixes): the batches cut
     # from it below are consecutive rows, so rows sharing a prefix reach an engine together.
-    prepare = functools.partial(prepare_block_on_node, model_source=source,
+    # log_lines: each Ray worker sends its own INFO lines to the job's log (pipeline.console.worker_log_lines).
+    prepare = functools.partial(prepare_block_on_node, model_source=source, log_lines=True,
                                 group_prefixes=settings.prepare.group_prefixes,
                                 **preparer_args(settings, model_path, adapters, revision))
     ds = ds.map_batches(prepare, batch_format="pyarrow", batch_size=None, num_cpus=settings.prepare.num_cpus)
@@ -362,6 +363,7 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
             "samples": settings.n,
             "retry": retry,
             "committer": committer,  # output.commit=workers: the engine commits its batches' parts
+            "log_lines": True,
         },
         # Several batches per engine at once, each call in its own thread: the worker's engine
         # loop adds each batch's requests as they arrive (pipeline.generate.engine_loop.EngineLoop).

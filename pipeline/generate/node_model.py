@@ -104,11 +104,13 @@ def _files(folder) -> dict:
     return model_identity(str(folder))["files"]
 
 
-def prepare_block_on_node(block, model_source: dict, **kwargs):
-    """`tasks.prepare_block` with the model's path on the node the task runs on."""
+def prepare_block_on_node(block, model_source: dict, log_lines: bool = False, **kwargs):
+    """`tasks.prepare_block` with the model's path on the node the task runs on; `log_lines`: in
+    the job's Ray worker, whose own lines (the model copied to this node) go to the job's log."""
     from pipeline.console import worker_log_lines
     from pipeline.generate.tasks import prepare_block
 
-    worker_log_lines()  # the task's own lines (the model copied to this node) in the job's log
+    if log_lines:
+        worker_log_lines()
 
     return prepare_block(block, **{**kwargs, "model_path": node_model_path(model_source)})
