@@ -33,9 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="also run the job with these overrides, as its own contender (repeatable)")
     p.add_argument("--job-in-ray", action="store_true",
-                   help="run the job in the benchmark's process and Ray, as a job sent to a running Ray cluster "
-                        "(default: `python -m jobs.generate` as a process of its own, starting and stopping its own "
-                        "Ray, as a user runs it)")
+                   help="run the job in the benchmark's process and Ray, as a job sent to a running Ray cluster, "
+                        "and Ray Data LLM in that Ray too (default: `python -m jobs.generate` and a Ray Data LLM "
+                        "script, each a process of its own, starting and stopping its own Ray, as a user runs them)")
     p.add_argument("--startup-runs", action="store_true",
                    help="also time a one-row run of the job and Ray Data LLM before each (their start-up)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
@@ -104,12 +104,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def needs_ray(args) -> bool:
-    """Whether a contender asked for runs in the benchmark's own Ray: Ray Data LLM, the driver-scale
-    runs, and the job with `--job-in-ray`. A job run as its own process (the default,
-    and the memory scan's) starts its own Ray, which should not share the machine with an idle one."""
+    """Whether a contender asked for runs in the benchmark's own Ray: the driver-scale runs, and the
+    job and Ray Data LLM with `--job-in-ray`. Run as processes of their own (the default, and the
+    memory scan's), each starts its own Ray, which should not share the machine with an idle one:
+    two Rays on one machine also contend for the dashboard agent's fixed port, and the second one
+    waits out its retries (about 3.4 s) before giving up on it."""
     if args.memory_scan:
         return False
-    return bool(args.job_in_ray or args.driver_scale or "raydata" in args.phases)
+    return bool(args.job_in_ray or args.driver_scale)
 
 
 def environment() -> dict:

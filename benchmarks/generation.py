@@ -111,9 +111,10 @@ def compare(args, model_path, workdir, mem, phases, time_left, requests: list[di
                     startup = run_job(args, model_path, one_row, workdir, mem, "job start-up", c.extra)
                 r = run_job(args, model_path, input_path, workdir, mem, c.name, c.extra)
             else:
+                where = {"workdir": workdir, "ray_cpus": args.ray_cpus, "in_ray": args.job_in_ray}
                 if args.startup_runs:
-                    startup = ray_data_llm.run_raydata(processor_one, setup, engine_kwargs, mem)
-                r = ray_data_llm.run_raydata(processor_input, setup, engine_kwargs, mem)
+                    startup = ray_data_llm.run_raydata(processor_one, setup, engine_kwargs, mem, **where)
+                r = ray_data_llm.run_raydata(processor_input, setup, engine_kwargs, mem, **where)
             if startup is not None:
                 r.startup_s = startup.wall_s
             reference = reference or (r.texts if c.phase == "bare" else None)

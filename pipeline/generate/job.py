@@ -1,6 +1,6 @@
 """The generation job on Ray Data: Parquet requests -> seeded vLLM -> Parquet responses.
 
-    read (one task per run of row groups; ids and request JSON)      ShardDatasource
+    read (one task per run of row groups; ids and request JSON)      pipeline.generate.datasource.ShardDatasource
       -> prepare (validate, render, tokenize, sampling; CPU tasks)   pipeline.generate.prepare.Preparer
       -> generate (an actor pool, one vLLM engine per actor)         pipeline.generate.engine.GenerationWorker
       -> the driver commits Parquet parts, shows progress, and writes manifest.json last
@@ -26,8 +26,6 @@ from typing import Callable
 
 import pyarrow as pa
 import ray
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.console import JobConsole
 from pipeline.generate import config as job_config
@@ -40,20 +38,17 @@ from pipeline.errors import JobFailure, find_failure
 from pipeline.manifests import iso_time, package_versions
 from pipeline.generate.planning import Shard, ShardPlan, limit_rows, plan_shards
 from pipeline.generate.ray_session import node_id, shutdown_ray, start_ray
-from pipeline.row_templates import RowTemplate
 from pipeline.generate.retry import RetryError, replace_rows, rows_to_redo
 from pipeline.generate.sinks import JOB, OutputDir, Resume, output_dir
 from pipeline.generate.stats import RunStats, batch_counts, untag_node
 from pipeline.generate.worker_commit import PartCommitter, batches_per_task, read_ledger
-from pipeline.generate.tasks import preparer_args, read_shard, rows_to_skip
+from pipeline.generate.tasks import preparer_args, rows_to_skip
 from pipeline import storage
 
 log = logging.getLogger("pipeline.generate.job")
 
 # The job's log file, in <output>/logs/ (where conf/generate.yaml points Hydra's job log too).
 LOG_FILE = "generate.log"
-# Read tasks' size hint for Ray Data's scheduling; the request JSON of a row is about this big.
-ROW_BYTES_GUESS = 1024
 
 
 def run(cfg, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
@@ -331,6 +326,9 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
                   resume: Resume, model_path: str, adapters: AdapterSet, revision: str | None = None,
                   selected: dict[str, list[int]] | None = None, retry: dict | None = None,
                   committer: PartCommitter | None = None, batches_per_task: int = 1):
+    import ray.data  # imported while Ray starts (pipeline.generate.ray_session.start_ray)
+
+    from pipeline.generate.datasource import ShardDatasource
     from pipeline.generate.engine import GenerationWorker
 
     engine = job_config.engine_config(settings, resources, adapters)
@@ -383,42 +381,3 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
         **({} if settings.ray.restart_actors else {"max_restarts": 0, "max_task_retries": 0}),
     )
     return ds
-
-
-class ShardDatasource(Datasource):
-    """Reads the planned shards; each read task yields canonical rows (ids + request JSON)."""
-
-    def __init__(self, plan: ShardPlan, shards: list[Shard], resume: Resume,
-                 selected: dict[str, list[int]] | None = None, template: RowTemplate | None = None):
-        super().__init__()
-        self.plan = plan
-        self.shards = shards
-        self.resume = resume
-        self.selected = selected
-        self.template = template
-
-    def estimate_inmemory_data_size(self):
-        return sum(s.num_rows for s in self.shards) * ROW_BYTES_GUESS
-
-    def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-        # One task per shard whatever `parallelism` asks: a shard is what fixes row ids.
-        return [
-            ReadTask(
-                functools.partial(
-                    read_shard,
-                    shard,
-                    self.plan.id_column,
-                    self.plan.passthrough,
-                    self.plan.passthrough_types,
-                    rows_to_skip(shard, self.resume, self.selected),
-                    self.template,
-                ),
-                BlockMetadata(
-                    num_rows=shard.num_rows,
-                    size_bytes=shard.num_rows * ROW_BYTES_GUESS,
-                    exec_stats=None,
-                    input_files=(shard.path,),
-                ),
-            )
-            for shard in self.shards
-        ]

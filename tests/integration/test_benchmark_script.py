@@ -35,6 +35,9 @@ def test_benchmark_script_runs_every_contender_on_the_same_rows(tiny_model_dir, 
     # log says the first rows were committed, within its whole run.
     assert 0 < runs["job"]["time_to_first_row_s"] < runs["job"]["wall_s"]
     assert "python -m jobs.generate" in runs["job"]["peak_rss_by_kind_gib"]
+    # Ray Data LLM too, as a script of its own with its own Ray, on the same clock.
+    assert 0 < runs["Ray Data LLM"]["time_to_first_row_s"] < runs["Ray Data LLM"]["wall_s"]
+    assert "python -m benchmarks.ray_data_llm" in runs["Ray Data LLM"]["peak_rss_by_kind_gib"]
     summary = results["main"]["summary"]["job"]
     assert summary["over_bare"] > 0 and summary["over_raydata"] > 0
     assert results["lora"]["mixed_over_none"] > 0 and results["lora"]["bare_mixed_over_none"] > 0

@@ -1,6 +1,7 @@
 """The Ray a job starts for itself (`ray.address: null`): its settings reach every worker through
 the environment Ray starts with, with no runtime environment, so Ray's idle workers take the job's
-tasks and actors; the driver's own environment is left as it was."""
+tasks and actors; the driver's own environment is left as it was, and what the driver needs next
+is imported while Ray starts."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import ray
 from pipeline.generate.ray_session import start_ray
 from pipeline.generate.settings import RaySettings
 
+imported_before = "ray.data" in sys.modules
 start_ray(RaySettings(num_cpus=1, env={"PIPELINE_PROBE": "on"}))
-job = ray.get_runtime_context().get_job_id()
+imported_after = "pipeline.generate.datasource" in sys.modules and "ray.data" in sys.modules
 
 @ray.remote(num_cpus=0)
 def task():
@@ -34,6 +36,8 @@ out = {
     "task": ray.get(task.remote()),
     "actor": ray.get(Actor.remote().probe.remote()),
     "runtime_env": ray.get_runtime_context().runtime_env,
+    "imported": [imported_before, imported_after],
+    "progress_bars": ray.data.DataContext.get_current().enable_progress_bars,
 }
 ray.shutdown()
 print(json.dumps(out))
@@ -48,3 +52,6 @@ def test_a_ray_the_job_starts_hands_its_settings_to_every_worker_through_the_env
     assert out["actor"] == "on"
     assert out["driver_after"] is None  # set only while Ray started
     assert not out["runtime_env"].get("env_vars")  # none: idle workers can take the job's work
+    # What the driver needs next (Ray Data, the job's datasource) was imported while Ray started.
+    assert out["imported"] == [False, True]
+    assert out["progress_bars"] is False

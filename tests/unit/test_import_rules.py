@@ -17,7 +17,9 @@ BENCHMARKS = ROOT / "benchmarks"
 ALLOWED = {
     "vllm": {"generate/engine.py", "models/vllm_plugin.py", "serve/engine.py"},
     # serve/replicas.py: the endpoint's Ray Serve deployment.
-    "ray": {"generate/job.py", "generate/ray_session.py", "train/job.py", "train/ray_train.py", "serve/replicas.py"},
+    # generate/datasource.py: the job's read stage, a Ray Data datasource.
+    "ray": {"generate/job.py", "generate/ray_session.py", "generate/datasource.py", "train/job.py",
+            "train/ray_train.py", "serve/replicas.py"},
     # The engine runs vLLM, itself torch: it sizes torch's thread pool before the engine starts.
     "torch": {"generate/engine.py"},
     "peft": set(),
