@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import functools
 import json
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -276,6 +277,7 @@ class Preparer:
             if self.special_token_ids is not None and self.encode_literal is not None
             else None
         )
+        self.encode_piece = shared_pieces_once(self.encode_literal) if self.literal is not None else None
 
     def prepare_block(self, block: pa.Table) -> pa.Table:
         ids = block.column("_id").to_pylist()
@@ -405,8 +407,28 @@ class Preparer:
             return self.encode(text)
         ids: list[int] = []
         for piece, special in self.literal.segments(text):
-            ids.extend([self.special_token_ids[piece]] if special else self.encode_literal(piece))
+            ids.extend([self.special_token_ids[piece]] if special else self.encode_piece(piece))
         return ids
+
+
+# A rendered prompt is encoded piece by piece between its special tokens (Preparer.tokenize), each
+# piece on its own, so a long piece that many rows share (a labelling instruction, a system
+# prompt, a document asked several questions) is encoded once per worker and reused: the same
+# tokens, since encoding a piece depends on nothing but the piece. Short pieces cost less to
+# encode than to remember. Bounded: at most SHARED_PIECES pieces kept, the least recent dropped.
+SHARED_PIECE_CHARS = 512
+SHARED_PIECES = 32
+
+
+def shared_pieces_once(encode: Callable[[str], list[int]]) -> Callable[[str], Sequence[int]]:
+    """`encode`, remembering its tokens for the last `SHARED_PIECES` long pieces it encoded."""
+    remembered = functools.lru_cache(maxsize=SHARED_PIECES)(lambda piece: tuple(encode(piece)))
+
+    def encode_piece(piece: str) -> Sequence[int]:
+        return remembered(piece) if len(piece) >= SHARED_PIECE_CHARS else encode(piece)
+
+    encode_piece.cache_info = remembered.cache_info  # long pieces encoded (misses) and reused (hits)
+    return encode_piece
 
 
 def output_table(columns: dict, passthrough_cols: dict[str, pa.ChunkedArray | pa.Array]) -> pa.Table:

@@ -230,6 +230,30 @@ def test_renderer_matches_transformers(tiny_model_dir, hf_tokenizer, add_generat
         assert template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs) == expected
 
 
+def test_the_jobs_preparer_encodes_a_shared_long_instruction_once_and_tokenizes_as_the_tokenizer(
+        tiny_model_dir, fast_tokenizer):
+    """Labelling rows: one long instruction, each row its own text. The job's preparer (its real
+    tokenizer) gives every row the tokenizer's own tokens for the whole rendered prompt, while it
+    encodes the instruction only for the first row (pipeline.generate.prepare.shared_pieces_once)."""
+    from pipeline.generate.settings import GenerationSettings
+    from pipeline.generate.tasks import preparer_for
+    from tests.conftest import compose
+
+    settings = GenerationSettings.from_config(compose("generate", ["model=tiny", f"model.path={tiny_model_dir}"]))
+    preparer = preparer_for(settings, str(tiny_model_dir))
+    template = ChatTemplate.from_model(tiny_model_dir)
+    instruction = "Label the review as positive, negative or neutral; say only the label. " * 30
+    for i, text in enumerate(["Great value, works as described.", "Broke after a week.", "It is a phone."] * 2):
+        messages = [{"role": "system", "content": instruction}, {"role": "user", "content": text}]
+        got = preparer.prepare_row(f"r{i}", json.dumps({"messages": messages}))["_prompt_token_ids"]
+        prompt = template.render(messages, date_string=settings.prompt.date_string, add_generation_prompt=True)
+        assert got == fast_tokenizer.encode(prompt, add_special_tokens=False).ids, text
+    # The instruction (with the template's date lines) is the one long piece: encoded for the
+    # first row, reused for the five others.
+    info = preparer.encode_piece.cache_info()
+    assert (info.misses, info.hits) == (1, 5)
+
+
 # ---- the weights in transformers and vLLM ---------------------------------------------------
 
 
