@@ -326,7 +326,7 @@ def build_dataset(settings: GenerationSettings, resources: Resources, plan: Shar
                   resume: Resume, model_path: str, adapters: AdapterSet, revision: str | None = None,
                   selected: dict[str, list[int]] | None = None, retry: dict | None = None,
                   committer: PartCommitter | None = None, batches_per_task: int = 1):
-    import ray.data  # imported while Ray starts (pipeline.generate.ray_session.start_ray)
+    import ray.data  # once Ray is up (pipeline.generate.ray_session.start_ray)
 
     from pipeline.generate.datasource import ShardDatasource
     from pipeline.generate.engine import GenerationWorker
