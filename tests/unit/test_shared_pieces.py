@@ -7,15 +7,7 @@ import json
 
 from pipeline.generate import prepare
 from pipeline.generate.prepare import Preparer, shared_pieces_once
-from pipeline.prompts import ChatTemplate
-
-TEMPLATE = ChatTemplate(
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
-    bos_token="<|begin_of_text|>",
-)
-SPECIAL = {"<|begin_of_text|>": 1000, "<|start_header_id|>": 1001, "<|end_header_id|>": 1002, "<|eot_id|>": 1003}
+from tests.unit.test_hostile_inputs import SPECIAL, TEMPLATE  # a Llama-3-shaped template, its special tokens
 INSTRUCTION = "Label the text as positive, negative or neutral. " * 40  # about 2,000 characters
 
 
