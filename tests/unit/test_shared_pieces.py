@@ -8,11 +8,12 @@ import json
 from pipeline.generate import prepare
 from pipeline.generate.prepare import Preparer, shared_pieces_once
 from tests.unit.test_hostile_inputs import SPECIAL, TEMPLATE  # a Llama-3-shaped template, its special tokens
+
 INSTRUCTION = "Label the text as positive, negative or neutral. " * 40  # about 2,000 characters
 
 
 class CountingEncoder:
-    """A byte-level stand-in for the tokenizer that counts the characters it was asked to encode."""
+    """A byte-level stand-in for the tokenizer that records each piece it was asked to encode."""
 
     def __init__(self):
         self.pieces: list[str] = []
