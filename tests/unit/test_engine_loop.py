@@ -239,3 +239,49 @@ def test_a_first_call_that_fails_holds_no_one_back(first):
     assert [[o.value for o in r] for r in results[1:]] == [["out:b1"], ["out:c1"]]
     if first == "refused":  # never in the engine: the next call is the first, and runs alone
         assert llm.llm_engine.history[:10] == [{("b1", None)}] * 10
+
+
+class ThreadRecordingEngine(FakeEngine):
+    """Also records the thread of each step."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.step_threads: set = set()
+
+    def step(self):
+        self.step_threads.add(threading.get_ident())
+        return super().step()
+
+
+def test_an_engine_the_loop_builds_is_built_and_stepped_on_the_loops_thread():
+    built_on = []
+
+    def build():
+        built_on.append(threading.get_ident())
+        llm = FakeLLM()
+        llm.llm_engine = ThreadRecordingEngine(steps=3)
+        return llm
+
+    loop = EngineLoop(build=build, first_alone=True)
+    assert built_on == [loop.thread.ident] and loop.thread.ident != threading.get_ident()
+    results, errors = run_together(loop, reqs("a1", "a2"), reqs("b1"))
+    assert errors == [None, None]
+    assert [[o.value for o in r] for r in results] == [["out:a1", "out:a2"], ["out:b1"]]
+    assert loop.llm.llm_engine.step_threads == {loop.thread.ident}
+
+
+def test_an_engine_that_cannot_be_built_raises_to_the_caller():
+    class NoRoomForTheCache(RuntimeError):
+        pass
+
+    def build():
+        raise NoRoomForTheCache("no memory left for the KV cache")
+
+    with pytest.raises(NoRoomForTheCache, match="KV cache"):
+        EngineLoop(build=build)
+
+
+@pytest.mark.parametrize("given", [{}, {"llm": "engine", "build": lambda: "engine"}])
+def test_the_loop_takes_an_engine_or_a_way_to_build_one(given):
+    with pytest.raises(ValueError, match="an engine or a function that builds one"):
+        EngineLoop(**given)
