@@ -180,6 +180,8 @@ def test_row_that_makes_the_engine_raise_becomes_an_error_row(tiny_model_dir):
     assert rows[0]["error"] is None and rows[0]["completion_tokens"] == 4
     assert rows[2]["error"] is None and rows[2]["completion_tokens"] == 4
     assert rows[1]["error"].startswith("engine error: ") and "temperature" in rows[1]["error"]
+    # The worker's loop built the real engine on its own thread, the one that steps it.
+    assert worker.loop.built.is_set() and worker.loop.build_error is None and worker.llm is worker.loop.llm
 
 
 def test_bad_files_have_defined_behaviour(generate_job, tmp_path):
