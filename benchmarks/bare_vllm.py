@@ -64,6 +64,9 @@ imported = time.perf_counter()
 spec = json.load(open(sys.argv[1]))
 table = pq.read_table(spec["prepared"], columns=["_id", "_prompt_token_ids", "_params"])
 chunk = spec.get("chunk") or table.num_rows
+if spec.get("cpu_threads"):  # the job's engine.cpu_threads, when the benchmark was asked for it
+    import torch
+    torch.set_num_threads(spec["cpu_threads"])
 started = time.perf_counter()
 llm = LLM(**spec["engine_kwargs"])
 ready = time.perf_counter()
@@ -86,11 +89,13 @@ json.dump({"import_s": imported - began, "engine_start_s": ready - started, "gen
 
 
 def run_bare(prepared, engine_kwargs: dict, mem: TreeMemory, workdir=None, chunk: int | None = None,
-             keep_texts: bool = True) -> RunResult:
+             keep_texts: bool = True, cpu_threads: int | None = None) -> RunResult:
     """A bare vLLM script, in a process of its own (as a user runs one): it imports vLLM, starts an
     engine with `engine_kwargs` and generates the `prepared` rows (a table of the job's prepared
     columns) in one call, or (`chunk`) one `generate()` call per `chunk` rows, holding no row's
     request or answer past its call unless `keep_texts` (the texts, for comparing with the job).
+    `cpu_threads`: the engine's threads (torch's, set before the engine starts, as the job's
+    workers set them); by default vLLM's own choice, as a script leaves it.
     Its own process, so that nothing of the benchmark (the memory sampler's thread, Ray's driver)
     shares the engine's interpreter and GIL."""
     import tempfile
@@ -102,7 +107,8 @@ def run_bare(prepared, engine_kwargs: dict, mem: TreeMemory, workdir=None, chunk
         folder = Path(tmp)
         pq.write_table(prepared.select(["_id", "_prompt_token_ids", "_params"]), folder / "prepared.parquet")
         spec = {"prepared": str(folder / "prepared.parquet"), "engine_kwargs": engine_kwargs,
-                "out": str(folder / "result.json"), "chunk": chunk, "keep_texts": keep_texts}
+                "out": str(folder / "result.json"), "chunk": chunk, "keep_texts": keep_texts,
+                "cpu_threads": cpu_threads}
         (folder / "spec.json").write_text(json.dumps(spec))
         mem.settle()
         with mem.window(NAME) as w:

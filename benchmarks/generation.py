@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from benchmarks import bare_vllm, ray_data_llm
 from benchmarks.job import run_job
-from benchmarks.job_config import job_setup
+from benchmarks.job_config import job_setup, threads_asked
 from benchmarks.report import log
 from benchmarks.results import RunResult, median, ratio, same_texts
 from benchmarks.workload import make_requests, prepared_table, rotated, write_requests
@@ -53,6 +53,9 @@ def compare_within_repeat(runs: list[RunResult]) -> None:
                 other = by_name.get(name)
                 r.compared[key] = ratio(r.output_tokens_per_s, other.output_tokens_per_s if other else None)
             r.compared["first_row_over_bare_startup"] = ratio(r.time_to_first_row_s, bare.startup_s if bare else None)
+            # The engines' rate once the first rows are out, against the bare engine's generate().
+            r.compared["running_over_generate"] = ratio(r.running_output_tokens_per_s,
+                                                        bare.engine_output_tokens_per_s if bare else None)
 
 
 def summarize(runs: list[RunResult], todo: list[Contender]) -> dict:
@@ -63,10 +66,12 @@ def summarize(runs: list[RunResult], todo: list[Contender]) -> dict:
         summary[c.name] = {
             "output_tokens_per_s": median([r.output_tokens_per_s for r in mine]),
             "engine_output_tokens_per_s": median([r.engine_output_tokens_per_s for r in mine]),
+            "running_output_tokens_per_s": median([r.running_output_tokens_per_s for r in mine]),
             "peak_rss_gib": median([r.memory.peak_rss_gib for r in mine]),
             "time_to_first_row_s": median([r.time_to_first_row_s for r in mine]),
             "startup_s": median([r.startup_s for r in mine]),
-            **({k: median([r.compared.get(k) for r in mine]) for k in (*RELATIVE, "first_row_over_bare_startup")}
+            **({k: median([r.compared.get(k) for r in mine]) for k in (*RELATIVE, "first_row_over_bare_startup",
+                                                                   "running_over_generate")}
                if c.phase == "job" else {}),
         }
     return summary
@@ -105,7 +110,7 @@ def compare(args, model_path, workdir, mem, phases, time_left, requests: list[di
             log(f"repeat {rep + 1}/{args.repeats}: {c.name} ...")
             startup = None
             if c.phase == "bare":
-                r = bare_vllm.run_bare(prepared, engine_kwargs, mem, workdir)
+                r = bare_vllm.run_bare(prepared, engine_kwargs, mem, workdir, cpu_threads=threads_asked(args, setup))
             elif c.phase == "job":
                 if args.startup_runs:
                     startup = run_job(args, model_path, one_row, workdir, mem, "job start-up", c.extra)

@@ -113,8 +113,18 @@ def _result(label: str, output: Path, manifest: dict, *, wall: float, first_row:
         name=label, rows=manifest["counts"]["rows_out"], output_tokens=manifest["tokens"]["completion"],
         prompt_tokens=manifest["tokens"]["prompt"], wall_s=wall, time_to_first_row_s=first_row,
         cached_tokens=(manifest.get("prefix_cache") or {}).get("cached_tokens"),
+        running_output_tokens_per_s=running_rate(manifest),
         memory=memory, output_batches=batches,
         settings={k: recorded[k] for k in SETTINGS} | {k: recorded["engine"].get(k) for k in ENGINE_SETTINGS}
         | {k: manifest["resources"][k] for k in RESOURCES},
         texts=dict(zip(table.column("id").to_pylist(), table.column("response").to_pylist())),
     )
+
+
+def running_rate(manifest: dict) -> float | None:
+    """Output tokens/s between the job's first and last committed batch, from its manifest's
+    timeline of (seconds, rows, completion tokens) after each batch; None with fewer than two."""
+    points = (manifest.get("timeline") or {}).get("points") or []
+    if len(points) < 2 or points[-1][0] <= points[0][0]:
+        return None
+    return (points[-1][2] - points[0][2]) / (points[-1][0] - points[0][0])

@@ -76,3 +76,12 @@ def job_setup(args, model_path: str, input_path: str) -> JobSetup:
     gpus = float(settings.workers) if args.device == "gpu" else 0
     resources = resolve_resources(settings, gpus)
     return JobSetup(settings, engine_config(settings, resources, AdapterSet()), model_path, resources.device)
+
+
+def threads_asked(args, setup: JobSetup) -> int | None:
+    """The engine's threads when `--job-set engine.cpu_threads=N` sets them, so that bare vLLM
+    computes with as many as the job's engine (Ray Data LLM always gets the job's); None when the
+    job resolves them itself, and bare vLLM leaves them to vLLM as a script would."""
+    if any(o.lstrip("+").startswith("engine.cpu_threads=") for o in args.job_set):
+        return setup.engine.get("cpu_threads")
+    return None

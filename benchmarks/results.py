@@ -75,6 +75,10 @@ class RunResult:
     included): same_text_as_bare, over_bare, over_raydata."""
     cached_tokens: int | None = None
     """Prompt tokens the engine found in its prefix cache (not prefilled again)."""
+    running_output_tokens_per_s: float | None = None
+    """The job: output tokens/s from its first committed batch to its last (the manifest's
+    timeline), its engines' rate once they answer rows, with no start-up or shutdown on it: what
+    compares with bare vLLM's `generate()` alone."""
     texts: dict = field(default_factory=dict, repr=False)
     """Row id -> generated text: compared between contenders, never written."""
 
@@ -108,6 +112,7 @@ class RunResult:
             "rows_per_s": rounded(self.rows_per_s, 2),
             "output_tokens_per_s": rounded(self.output_tokens_per_s, 1),
             "engine_output_tokens_per_s": rounded(self.engine_output_tokens_per_s, 1),
+            "running_output_tokens_per_s": rounded(self.running_output_tokens_per_s, 1),
             "time_to_first_row_s": rounded(self.time_to_first_row_s, 2),
             "engine_start_s": rounded(self.engine_start_s, 2),
             "generate_s": rounded(self.generate_s, 2),

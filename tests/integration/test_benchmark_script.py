@@ -22,7 +22,11 @@ def test_benchmark_script_runs_every_contender_on_the_same_rows(tiny_model_dir, 
     env = {**os.environ, "PIPELINE_CACHE": str(Path(tiny_model_dir).parents[1])}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--phases", "bare,job,raydata,lora,label", "--rows", "24",
-         "--max-tokens", "8", "--lora-adapters", "2", "--label-rows", "8", "--label-instruction-tokens", "300", "--out", str(out), "--workdir", str(tmp_path / "work")],
+         "--max-tokens", "8", "--lora-adapters", "2", "--label-rows", "8", "--label-instruction-tokens", "300",
+         # three batches, so the job has a rate between its first and last; one engine thread for
+         # every contender (bare vLLM too, as it gets the job's threads when they are set)
+         "--job-set", "batch_size=8", "--job-set", "engine.cpu_threads=1",
+         "--out", str(out), "--workdir", str(tmp_path / "work")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -40,6 +44,9 @@ def test_benchmark_script_runs_every_contender_on_the_same_rows(tiny_model_dir, 
     assert "python -m benchmarks.ray_data_llm" in runs["Ray Data LLM"]["peak_rss_by_kind_gib"]
     summary = results["main"]["summary"]["job"]
     assert summary["over_bare"] > 0 and summary["over_raydata"] > 0
+    # The job's rate from its first committed batch to its last, against bare vLLM's generate().
+    assert runs["job"]["running_output_tokens_per_s"] > 0 and summary["running_over_generate"] > 0
+    assert "running / generate()" in proc.stdout
     assert results["lora"]["mixed_over_none"] > 0 and results["lora"]["bare_mixed_over_none"] > 0
     # The labelling rows: one shared instruction (~300 tokens here), short answers, every contender.
     labelling = {r["name"]: r for r in results["labelling"]["runs"]}

@@ -14,6 +14,8 @@ from tests.conftest import compose
 from benchmarks.batch_scan import output_lengths
 from benchmarks.cli import parse_args
 from benchmarks.generation import Contender, compare_within_repeat, contenders, summarize
+from benchmarks.job import running_rate
+from benchmarks.job_config import JobSetup, threads_asked
 from benchmarks.report import report
 from benchmarks.results import (Memory, RunResult, TrainResult, median, per_repeat_ratios, ratio, same_texts)
 from benchmarks.driver_scale import canned_answers, write_inputs
@@ -169,16 +171,44 @@ def test_job_runs_are_compared_within_their_repeat_and_summarised_by_medians():
         runs += this
     assert [r.compared["over_bare"] for r in runs if r.phase == "job"] == [0.75, 0.9, 0.25]
     summary = summarize(runs, todo)
-    assert summary["job"] == {"output_tokens_per_s": 100.0, "engine_output_tokens_per_s": None, "peak_rss_gib": 2.0,
+    assert summary["job"] == {"output_tokens_per_s": 100.0, "engine_output_tokens_per_s": None,
+                              "running_output_tokens_per_s": None, "peak_rss_gib": 2.0,
                               "time_to_first_row_s": None, "startup_s": None,
-                              "over_bare": 0.75, "over_raydata": 1.5, "first_row_over_bare_startup": None}
+                              "over_bare": 0.75, "over_raydata": 1.5, "first_row_over_bare_startup": None,
+                              "running_over_generate": None}
     assert "over_bare" not in summary["bare vLLM"] and summary["bare vLLM"]["engine_output_tokens_per_s"] == 400.0
 
 
 def test_a_job_without_the_others_in_its_repeat_has_no_ratio_to_them():
     job = run("job", 100, phase="job")
     compare_within_repeat([job])
-    assert job.compared == {"over_bare": None, "over_raydata": None, "first_row_over_bare_startup": None}
+    assert job.compared == {"over_bare": None, "over_raydata": None, "first_row_over_bare_startup": None,
+                            "running_over_generate": None}
+
+
+def test_the_jobs_running_rate_is_taken_between_its_first_and_last_committed_batch():
+    # (seconds since generating began, rows, completion tokens) after each committed batch
+    manifest = {"timeline": {"points": [[2.0, 64, 4096], [3.0, 128, 8192], [6.0, 320, 20480]]}}
+    assert running_rate(manifest) == (20480 - 4096) / (6.0 - 2.0)
+    assert running_rate({"timeline": {"points": [[2.0, 64, 4096]]}}) is None  # one batch: no rate
+    assert running_rate({}) is None
+
+
+def test_the_jobs_running_rate_is_compared_with_bare_vllms_generate_call():
+    bare = run("bare vLLM", 200, phase="bare", generate_s=0.5)  # 400 tokens in generate(): 800/s
+    jobs = [run("job", 150, rep, "job", running_output_tokens_per_s=x) for rep, x in ((1, 720.0), (2, 600.0))]
+    for job in jobs:
+        compare_within_repeat([bare, job])
+    assert [j.compared["running_over_generate"] for j in jobs] == [0.9, 0.75]
+    summary = summarize([bare, *jobs], contenders(["bare", "job"], []))
+    assert summary["job"]["running_over_generate"] == 0.825 and summary["job"]["running_output_tokens_per_s"] == 660.0
+    assert jobs[0].to_dict()["running_output_tokens_per_s"] == 720.0
+
+
+def test_bare_vllm_gets_the_jobs_engine_threads_only_when_they_are_set():
+    setup = JobSetup(settings=None, engine={"cpu_threads": 1}, model_path="m")
+    assert threads_asked(parse_args(["--job-set", "engine.cpu_threads=1"]), setup) == 1
+    assert threads_asked(parse_args(["--job-set", "batch_size=8"]), setup) is None
 
 
 def test_the_jobs_first_row_is_compared_with_the_bare_engines_start_up():
@@ -217,7 +247,7 @@ def test_the_report_prints_every_comparison_that_ran():
         "skipped": ["lora"],
     }
     text = report(json.loads(json.dumps(results)))
-    for line in ("median over repeats:", "/Ray Data LLM", "bare vLLM start-up = vLLM import in a fresh interpreter "
+    for line in ("median over repeats:", "/Ray Data LLM", "running / generate()", "bare vLLM start-up = vLLM import in a fresh interpreter "
                  "+ engine start: 3.0s + 5.0s", "LoRA training: 4 conversations", "skipped (time limit): ['lora']"):
         assert line in text
 
