@@ -140,7 +140,7 @@ def environment() -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Before anything imports vLLM: every engine runs in the mode the job's workers run it in
-    # (pipeline.generate.settings.engine_multiprocessing): in its process on CPU, with vLLM's
+    # (pipeline.generate.resources.engine_multiprocessing): in its process on CPU, with vLLM's
     # engine-core process on GPU.
     multiprocessing = "1" if args.device == "gpu" else "0"
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", multiprocessing)

@@ -69,7 +69,8 @@ def job_setup(args, model_path: str, input_path: str) -> JobSetup:
     """The job's settings for the rows at `input_path`, resolved as on this machine: no GPU, or
     (`--device gpu`) one GPU per engine."""
     from pipeline.generate.config import AdapterSet, engine_config
-    from pipeline.generate.settings import GenerationSettings, resolve_resources
+    from pipeline.generate.resources import resolve_resources
+    from pipeline.generate.settings import GenerationSettings
 
     cfg = compose("generate", job_overrides(args, model_path, input_path, str(Path(input_path).parent / "unused")))
     settings = GenerationSettings.from_config(cfg)

@@ -75,7 +75,7 @@ def scan_job(args, model_path: str, path: str, output: Path, n: int, mem: TreeMe
 
 def scan_bare(args, model_path: str, path: str, workdir: Path, n: int, mem: TreeMemory) -> RunResult:
     from benchmarks import bare_vllm
-    from pipeline.generate.settings import resolve_resources
+    from pipeline.generate.resources import resolve_resources
 
     setup = job_setup(args, model_path, path)
     resources = resolve_resources(setup.settings, float(setup.settings.workers) if args.device == "gpu" else 0)

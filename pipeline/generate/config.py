@@ -15,7 +15,8 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.generate.planning import ShardPlan, open_parquet, read_columns
-from pipeline.generate.settings import ConfigError, GenerationSettings, ModelSettings, Resources
+from pipeline.generate.resources import Resources
+from pipeline.generate.settings import ConfigError, GenerationSettings, ModelSettings
 from pipeline.manifests import package_versions
 
 

@@ -127,7 +127,7 @@ class GenerationWorker:
         if model_source is not None:  # the driver's model, found or made on this node
             model_path = node_model_path(model_source)
         # vLLM's engine core in its own process or in this one, as the job resolved it
-        # (pipeline.generate.settings.engine_multiprocessing); vLLM reads this when it starts one.
+        # (pipeline.generate.resources.engine_multiprocessing); vLLM reads this when it starts one.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if engine.get("multiprocessing") else "0"
         if engine.get("batch_invariant") and has_cuda():
             # vLLM reads this when it is imported: its kernels then give a row the same logits

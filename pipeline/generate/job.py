@@ -33,7 +33,8 @@ from pipeline.generate import dataset_inputs
 from pipeline.generate.config import AdapterSet
 from pipeline.generate.node_model import model_source, prepare_block_on_node
 from pipeline.node_cache import cache_root
-from pipeline.generate.settings import GenerationSettings, Resources, resolve_resources
+from pipeline.generate.resources import Resources, resolve_resources
+from pipeline.generate.settings import GenerationSettings
 from pipeline.errors import JobFailure, find_failure
 from pipeline.manifests import iso_time, package_versions
 from pipeline.generate.planning import Shard, ShardPlan, limit_rows, plan_shards

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _has_cuda(), reason="needs
 def test_job_on_gpu_is_reproducible(tiny_model_dir, tmp_path, batch_invariant):
     """Batch sizes 64 and 7 give the same rows; with engine.batch_invariant=true vLLM's
     batch-invariant kernels guarantee it rather than the tiny float model's luck. The engines run
-    in vLLM's multiprocess mode (`pipeline.generate.settings.engine_multiprocessing`)."""
+    in vLLM's multiprocess mode (`pipeline.generate.resources.engine_multiprocessing`)."""
     import pyarrow.parquet as pq
 
     outputs = []

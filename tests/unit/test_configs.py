@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pipeline.generate.settings import ConfigError, GenerationSettings, resolve_resources
+from pipeline.generate.resources import resolve_resources
+from pipeline.generate.settings import ConfigError, GenerationSettings
 from tests.conftest import compose
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -79,13 +80,13 @@ def test_settings_are_frozen_and_every_field_is_documented():
     import inspect
     import sys
 
-    from pipeline.generate import settings as module
+    from pipeline.generate import resources, settings as module
 
     settings = generation_settings(composed("generate", ["model=tiny"]))
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.engine.max_model_len = 1  # type: ignore[misc]
     for cls in (module.GenerationSettings, module.EngineSettings, module.ModelSettings, module.OutputSettings,
-                module.RaySettings, module.Resources):
+                module.RaySettings, resources.Resources):
         source = inspect.getsource(sys.modules[cls.__module__])  # ModelSettings: pipeline/model_settings.py
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(f.type) or f.name in ("output", "model", "engine", "prompt", "prepare",

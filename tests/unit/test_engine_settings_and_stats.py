@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.generate.config import AdapterSet, engine_config
 from pipeline.generate.engine import engine_kwargs
-from pipeline.generate.settings import ConfigError, EngineSettings, GenerationSettings, engine_multiprocessing, resolve_resources
+from pipeline.generate.resources import engine_multiprocessing, resolve_resources
+from pipeline.generate.settings import ConfigError, EngineSettings, GenerationSettings
 from tests.conftest import compose
 from pipeline.generate.prepare import OUTPUT_SCHEMA
 from pipeline.generate.stats import RunStats

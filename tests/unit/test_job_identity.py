@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.generate.config import adapters_for, check_inputs_outside_output, fingerprint, model_fingerprint
-from pipeline.generate.settings import ConfigError, ModelSettings, resolve_resources
+from pipeline.generate.resources import resolve_resources
+from pipeline.generate.settings import ConfigError, ModelSettings
 from pipeline.generate.planning import plan_shards
 from pipeline.generate.config import describe_changes
 from tests.unit.test_configs import composed, generation_settings

@@ -16,7 +16,8 @@ import pytest
 from pipeline import storage
 from pipeline.errors import JobFailure
 from pipeline.generate.part_files import PART_FILE, batch_part_name, is_numbered, part_sort_key
-from pipeline.generate.settings import ConfigError, GenerationSettings, commit_mode, resolve_resources
+from pipeline.generate.resources import commit_mode, resolve_resources
+from pipeline.generate.settings import ConfigError, GenerationSettings
 from pipeline.generate.sinks import OutputDir
 from pipeline.generate.stats import RunStats, batch_counts
 from pipeline.generate.store_output import StoreOutputDir
