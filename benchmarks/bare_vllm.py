@@ -82,9 +82,10 @@ for first in range(0, table.num_rows, chunk):
         if spec["keep_texts"]:
             texts[row_id] = o.outputs[0].text
 finished = time.perf_counter()
+import torch
 json.dump({"import_s": imported - began, "engine_start_s": ready - started, "generate_s": finished - ready,
            "texts": texts, "output_tokens": output_tokens, "prompt_tokens": prompt_tokens,
-           "cached_tokens": cached_tokens}, open(spec["out"], "w"))
+           "cached_tokens": cached_tokens, "threads": torch.get_num_threads()}, open(spec["out"], "w"))
 """
 
 
@@ -127,4 +128,5 @@ def run_bare(prepared, engine_kwargs: dict, mem: TreeMemory, workdir=None, chunk
         time_to_first_row_s=wall, memory=memory_figures(w),
         engine_start_s=got["engine_start_s"], generate_s=got["generate_s"], vllm_import_s=got["import_s"],
         startup_s=got["import_s"] + got["engine_start_s"], texts=got["texts"], cached_tokens=got["cached_tokens"],
+        engine_threads=got["threads"],
     )

@@ -75,6 +75,8 @@ class RunResult:
     included): same_text_as_bare, over_bare, over_raydata."""
     cached_tokens: int | None = None
     """Prompt tokens the engine found in its prefix cache (not prefilled again)."""
+    engine_threads: int | None = None
+    """Bare vLLM: the threads its engine computed with (torch's)."""
     running_output_tokens_per_s: float | None = None
     """The job: output tokens/s from its first committed batch to its last (the manifest's
     timeline), its engines' rate once they answer rows, with no start-up or shutdown on it: what
@@ -113,6 +115,7 @@ class RunResult:
             "output_tokens_per_s": rounded(self.output_tokens_per_s, 1),
             "engine_output_tokens_per_s": rounded(self.engine_output_tokens_per_s, 1),
             "running_output_tokens_per_s": rounded(self.running_output_tokens_per_s, 1),
+            "engine_threads": self.engine_threads,
             "time_to_first_row_s": rounded(self.time_to_first_row_s, 2),
             "engine_start_s": rounded(self.engine_start_s, 2),
             "generate_s": rounded(self.generate_s, 2),

@@ -47,6 +47,7 @@ def test_benchmark_script_runs_every_contender_on_the_same_rows(tiny_model_dir, 
     # The job's rate from its first committed batch to its last, against bare vLLM's generate().
     assert runs["job"]["running_output_tokens_per_s"] > 0 and summary["running_over_generate"] > 0
     assert "running / generate()" in proc.stdout
+    assert runs["bare vLLM"]["engine_threads"] == 1  # the job's engine.cpu_threads, as asked
     assert results["lora"]["mixed_over_none"] > 0 and results["lora"]["bare_mixed_over_none"] > 0
     # The labelling rows: one shared instruction (~300 tokens here), short answers, every contender.
     labelling = {r["name"]: r for r in results["labelling"]["runs"]}
